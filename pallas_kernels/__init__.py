@@ -1,0 +1,47 @@
+"""Attention kernels behind one interface for every backend.
+
+`ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+sliding_window=None, soft_cap=None)` -> `(out [T, Hq, D], kv_cache)` serves prefill, chunked prefill and
+decode in one ragged batch, and writes this step's K/V into the cache as part of the call.
+
+Layout and conventions (shared by every implementation):
+- q [T, Hq, D]; k, v [T, Hkv, D]: the new tokens of this step, concatenated over sequences, padded to T.
+- kv_cache [num_pages, page_size, 2*Hkv, D]: K and V interleaved on axis 2 (k0, v0, k1, v1, ...), so a
+  shard of whole KV heads is a contiguous slice when the cache is split over the 'model' mesh axis.
+- kv_lens i32[S]: context length of each sequence *including* this step's tokens.
+- page_indices i32[S, pages_per_seq]: each sequence's page table.
+- cu_q_lens i32[S+1]: cumulative query lengths; rows past num_seqs repeat the last value.
+- num_seqs i32[1]: how many of the S rows are real. Query rows at or past cu_q_lens[num_seqs] are padding:
+  their output is zero and their K/V is not written.
+- sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
+
+`impl="auto"` picks the Pallas TPU kernel on TPU and the pure-JAX reference elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from pallas_kernels.reference import ref_ragged_paged_attention
+
+__all__ = ["ragged_paged_attention", "ref_ragged_paged_attention"]
+
+
+def ragged_paged_attention(
+    q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+    sm_scale: float,
+    sliding_window: Optional[int] = None,
+    soft_cap: Optional[float] = None,
+    impl: str = "auto",
+):
+    if impl == "auto":
+        impl = "tpu" if jax.default_backend() == "tpu" else "reference"
+    if impl == "reference":
+        return ref_ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "tpu":
+        from pallas_kernels.tpu import ragged_paged_attention as tpu_rpa
+        return tpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    raise ValueError(f"unknown attention impl {impl!r}")
