@@ -1,0 +1,169 @@
+"""GGUF weight source: our own dequantization, HF names and HF layout, metadata -> HF config.
+
+Why our own dequantizer: it is the seam where a future fused quantized-matmul path plugs in, and it
+is vectorised over whole tensors (chunked, so a big tensor never makes more than a few chunk-sized
+temporaries). It must agree bit for bit with `gguf.quants.dequantize`: every formula below keeps the
+float32 operation order of ggml's reference (`(d * sc) * q - (dmin * m)` etc.).
+
+Block layouts (ggml, QK_K = 256) are written as NumPy structured dtypes, so a raw byte buffer is
+viewed as an array of blocks with named fields and no copying.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+__all__ = ["dequantize", "GGUFModel", "iter_gguf_weights", "gguf_hf_name", "SUPPORTED_QTYPES",
+           "SUPPORTED_ARCHITECTURES"]
+
+QK_K = 256
+_F16 = "<f2"
+
+# One block of each type; sizes match gguf.GGML_QUANT_SIZES (checked in the tests).
+_BLOCK_DTYPES: dict[QT, np.dtype] = {
+    QT.Q4_0: np.dtype([("d", _F16), ("qs", "u1", 16)]),
+    QT.Q4_1: np.dtype([("d", _F16), ("m", _F16), ("qs", "u1", 16)]),
+    QT.Q5_0: np.dtype([("d", _F16), ("qh", "<u4"), ("qs", "u1", 16)]),
+    QT.Q5_1: np.dtype([("d", _F16), ("m", _F16), ("qh", "<u4"), ("qs", "u1", 16)]),
+    QT.Q8_0: np.dtype([("d", _F16), ("qs", "i1", 32)]),
+    QT.Q2_K: np.dtype([("scales", "u1", 16), ("qs", "u1", 64), ("d", _F16), ("dmin", _F16)]),
+    QT.Q3_K: np.dtype([("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", _F16)]),
+    QT.Q4_K: np.dtype([("d", _F16), ("dmin", _F16), ("scales", "u1", 12), ("qs", "u1", 128)]),
+    QT.Q5_K: np.dtype([("d", _F16), ("dmin", _F16), ("scales", "u1", 12), ("qh", "u1", 32),
+                       ("qs", "u1", 128)]),
+    QT.Q6_K: np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", _F16)]),
+}
+_BLOCK_ELEMS: dict[QT, int] = {QT.Q4_0: 32, QT.Q4_1: 32, QT.Q5_0: 32, QT.Q5_1: 32, QT.Q8_0: 32,
+                               QT.Q2_K: QK_K, QT.Q3_K: QK_K, QT.Q4_K: QK_K, QT.Q5_K: QK_K, QT.Q6_K: QK_K}
+_FLOAT_TYPES = {QT.F32: 4, QT.F16: 2, QT.BF16: 2}
+SUPPORTED_QTYPES = tuple(_FLOAT_TYPES) + tuple(_BLOCK_DTYPES)
+
+_U8 = np.uint8
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    """fp16 scale field -> float32 column [NB, 1]."""
+    return x.astype(np.float32)[:, None]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[NB, n] packed bytes -> [NB, 2n]: all low nibbles first, then all high nibbles."""
+    return np.concatenate([qs & _U8(0x0F), qs >> _U8(4)], axis=-1)
+
+
+def _bits(packed: np.ndarray, nbits: int) -> np.ndarray:
+    """[NB, n] -> [NB, nbits, n]: bit b of every byte/word, for b in range(nbits)."""
+    shifts = np.arange(nbits, dtype=packed.dtype)[None, :, None]
+    return (packed[:, None, :] >> shifts) & packed.dtype.type(1)
+
+
+def _crumbs(packed: np.ndarray) -> np.ndarray:
+    """[NB, ..., n] bytes -> [NB, ..., 4, n]: the four 2-bit fields (bits 0-1, 2-3, 4-5, 6-7)."""
+    shifts = np.array([0, 2, 4, 6], dtype=_U8).reshape((4, 1))
+    return (packed[..., None, :] >> shifts) & _U8(3)
+
+
+def _kquant_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, [NB, 8] each."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & _U8(63), (c & _U8(0x0F)) | ((a >> _U8(6)) << _U8(4))], axis=-1)
+    mn = np.concatenate([b & _U8(63), (c >> _U8(4)) | ((b >> _U8(6)) << _U8(4))], axis=-1)
+    return sc, mn
+
+
+def _q3k_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K: 12 bytes -> sixteen signed 6-bit scales [NB, 16] as float32 (offset 32 removed)."""
+    low = _nibbles(s[:, :8])                                   # [NB, 16]
+    high = _crumbs(s[:, 8:12]).reshape(s.shape[0], 16)         # [NB, 16]: index = 4*(i//4) + i%4
+    sc = low | (high << _U8(4))
+    return sc.astype(np.float32) - np.float32(32)
+
+
+def _deq_blocks(b: np.ndarray, qt: QT) -> np.ndarray:
+    """Structured blocks [NB] -> float32 [NB, block_elems]."""
+    nb = b.shape[0]
+    if qt == QT.Q8_0:
+        return b["qs"].astype(np.float32) * _f32(b["d"])
+    if qt in (QT.Q4_0, QT.Q4_1):
+        q = _nibbles(b["qs"])                                  # [NB, 32]
+        if qt == QT.Q4_0:
+            return _f32(b["d"]) * (q.astype(np.float32) - np.float32(8))
+        return _f32(b["d"]) * q.astype(np.float32) + _f32(b["m"])
+    if qt in (QT.Q5_0, QT.Q5_1):
+        hi = _bits(b["qh"][:, None], 32).reshape(nb, 32).astype(_U8)
+        q = (_nibbles(b["qs"]) | (hi << _U8(4))).astype(np.float32)  # [NB, 32]
+        if qt == QT.Q5_0:
+            return _f32(b["d"]) * (q - np.float32(16))
+        return _f32(b["d"]) * q + _f32(b["m"])
+    if qt == QT.Q2_K:
+        q = _crumbs(b["qs"].reshape(nb, 2, 32)).reshape(nb, 16, 16).astype(np.float32)
+        sc = b["scales"]                                       # [NB, 16]: low nibble scale, high min
+        dl = (_f32(b["d"]) * (sc & _U8(0x0F)).astype(np.float32))[..., None]
+        ml = (_f32(b["dmin"]) * (sc >> _U8(4)).astype(np.float32))[..., None]
+        return (dl * q - ml).reshape(nb, QK_K)
+    if qt == QT.Q3_K:
+        low = _crumbs(b["qs"].reshape(nb, 2, 32)).reshape(nb, QK_K).astype(np.int8)
+        hbit = _bits(b["hmask"], 8).reshape(nb, QK_K).astype(np.int8)   # bit set -> no offset
+        q = (low - np.int8(4) * (np.int8(1) - hbit)).astype(np.float32).reshape(nb, 16, 16)
+        dl = (_f32(b["d"]) * _q3k_scales(b["scales"]))[..., None]
+        return (dl * q).reshape(nb, QK_K)
+    if qt in (QT.Q4_K, QT.Q5_K):
+        q = b["qs"].reshape(nb, 4, 32)
+        q = np.stack([q & _U8(0x0F), q >> _U8(4)], axis=2).reshape(nb, 8, 32)
+        if qt == QT.Q5_K:
+            q = q | (_bits(b["qh"], 8) << _U8(4))              # [NB, 8, 32]
+        sc, mn = _kquant_scale_min(b["scales"])
+        d = (_f32(b["d"]) * sc.astype(np.float32))[..., None]
+        dm = (_f32(b["dmin"]) * mn.astype(np.float32))[..., None]
+        return (d * q.astype(np.float32) - dm).reshape(nb, QK_K)
+    if qt == QT.Q6_K:
+        low = _nibbles(b["ql"].reshape(nb, 2, 64))             # [NB, 2, 128]
+        high = _crumbs(b["qh"].reshape(nb, 2, 32)).reshape(nb, 2, 128)
+        q = ((low | (high << _U8(4))).astype(np.float32) - np.float32(32)).reshape(nb, 16, 16)
+        d = (_f32(b["d"]) * b["scales"].astype(np.float32))[..., None]
+        return (d * q).reshape(nb, QK_K)
+    raise NotImplementedError(f"dequantization of {qt.name} is not implemented")
+
+
+def dequantize(raw: np.ndarray, qtype: QT | int, shape: Optional[tuple[int, ...]] = None,
+               *, chunk_blocks: int = 1 << 16) -> np.ndarray:
+    """Raw GGUF tensor data (as `GGUFReader` gives it) -> float32 array.
+
+    `shape` is the numpy (row-major, HF-order) shape; by default it is inferred from `raw`, whose
+    last axis holds the bytes of one row for quantized types.
+    """
+    qt = QT(qtype)
+    raw = np.ascontiguousarray(raw)
+    if qt in _FLOAT_TYPES:
+        if shape is None:
+            shape = raw.shape if raw.dtype != np.uint8 else (
+                *raw.shape[:-1], raw.shape[-1] // _FLOAT_TYPES[qt])
+        buf = raw.reshape(-1).view(np.uint8)
+        if qt == QT.F32:
+            out = buf.view("<f4").astype(np.float32, copy=True)
+        elif qt == QT.F16:
+            out = buf.view(_F16).astype(np.float32)
+        else:
+            out = (buf.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return out.reshape(shape)
+    if qt not in _BLOCK_DTYPES:
+        raise NotImplementedError(f"dequantization of {qt.name} is not implemented "
+                                  f"(supported: {[t.name for t in SUPPORTED_QTYPES]})")
+    bdt, per = _BLOCK_DTYPES[qt], _BLOCK_ELEMS[qt]
+    if shape is None:
+        if raw.shape[-1] % bdt.itemsize:
+            raise ValueError(f"{qt.name} row of {raw.shape[-1]} bytes is not whole blocks")
+        shape = (*raw.shape[:-1], raw.shape[-1] // bdt.itemsize * per)
+    blocks = raw.reshape(-1).view(np.uint8).view(bdt)          # [NB] structured
+    n = int(np.prod(shape))
+    if blocks.shape[0] * per != n:
+        raise ValueError(f"{qt.name} data holds {blocks.shape[0] * per} values, shape {shape} needs {n}")
+    out = np.empty((blocks.shape[0], per), np.float32)        # [NB, block_elems]
+    for s in range(0, blocks.shape[0], chunk_blocks):
+        out[s:s + chunk_blocks] = _deq_blocks(blocks[s:s + chunk_blocks], qt)
+    return out.reshape(shape)
