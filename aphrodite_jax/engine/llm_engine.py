@@ -1,0 +1,176 @@
+"""LLMEngine: the spine. `step()` = schedule -> run one jitted step -> process the outputs.
+
+Everything a newcomer needs to follow a request is here:
+- `add_request` tokenizes, validates and queues a SequenceGroup;
+- `step` asks the Scheduler what to run, moves pages (swap/copy-on-write), runs the model and the
+  sampler on device through the ModelRunner, then appends tokens, detokenizes, checks stops and frees
+  finished sequences;
+- `abort_request` frees a request's pages wherever it is.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Union
+
+from aphrodite_jax.config import EngineConfig
+from aphrodite_jax.engine.request_state import RequestState
+from aphrodite_jax.engine.scheduler import Scheduler, SchedulerOutput
+from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from aphrodite_jax.outputs import RequestOutput
+from aphrodite_jax.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from aphrodite_jax.engine.model_setup import build_model_stack  # JAX lives behind this import
+
+        self.config = config
+        stack = build_model_stack(config)
+        self.runner = stack.runner
+        self.tokenizer = stack.tokenizer
+        self.hf_config = stack.hf_config
+        self.max_model_len = stack.max_model_len
+        self.eos_token_ids = stack.eos_token_ids
+        self.sampler = stack.sampler
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,
+                                   self.runner.num_cpu_blocks, self.max_model_len)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.model.seed)
+        self.stats = EngineStats()
+        stack.warmup()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,
+                    prompt_token_ids: Optional[list[int]] = None, arrival_time: Optional[float] = None,
+                    add_special_tokens: bool = True) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        prompt_token_ids = list(prompt_token_ids)
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        params = sampling_params
+        if params.truncate_prompt_tokens:
+            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"prompt has {len(prompt_token_ids)} tokens, which leaves no room for output.")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        seq = Sequence(next(self._seq_ids), prompt_token_ids, self.config.cache.block_size)
+        group = SequenceGroup(request_id, [seq], arrival_time or time.time(), params)
+        state = RequestState(group=group, params=params, seed=seed, prompt=prompt,
+                             prompt_token_ids=prompt_token_ids, tokenizer=self.tokenizer,
+                             eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
+        state.init_seq(seq, index=0)
+        self.requests[request_id] = state
+        self.scheduler.add_seq_group(group)
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            state = self.requests.pop(rid, None)
+            if state is not None:
+                self.scheduler.abort_seq_group(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_seqs()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_seq_groups()
+
+    # ------------------------------------------------------------------ the spine
+    def step(self) -> list[RequestOutput]:
+        out: SchedulerOutput = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        for group in out.ignored:
+            state = self.requests.pop(group.request_id, None)
+            if state is not None:
+                outputs.append(state.finish_ignored())
+        if out.is_empty:
+            return outputs
+        self._move_pages(out)
+        samples = self._execute(out)
+        self.scheduler.on_step_done(out)
+        outputs.extend(self._process(out, samples))
+        self.scheduler.free_finished_seq_groups()
+        self.stats.steps += 1
+        self.stats.prompt_tokens = self.scheduler.num_prefill_tokens_computed
+        return outputs
+
+    def _move_pages(self, out: SchedulerOutput) -> None:
+        if out.blocks_to_swap_out:
+            self.runner.swap_out(out.blocks_to_swap_out)
+        if out.blocks_to_swap_in:
+            self.runner.swap_in(out.blocks_to_swap_in)
+        if out.blocks_to_copy:
+            self.runner.copy_pages(out.blocks_to_copy)
+
+    def _execute(self, out: SchedulerOutput) -> list[tuple[int, Sequence, int, Any]]:
+        """Run the model and sampler. Returns (scheduled row, seq, fork index, sample) per drawn token."""
+        rows, sample_rows, draws = [], [], []
+        for i, s in enumerate(out.scheduled):
+            start = s.seq.num_computed_tokens
+            rows.append((s.seq.token_ids[start:start + s.num_new_tokens], start, s.block_table))
+            if s.do_sample:
+                state = self.requests[s.group.request_id]
+                for fork in range(state.num_draws(s.seq)):
+                    sample_rows.append(i)
+                    draws.append((i, s.seq, fork, state))
+        if not sample_rows:
+            self.runner.run_model(rows, sample_rows)
+            return []
+        logits = self.runner.run_model(rows, sample_rows)
+        specs = [state.sample_spec(seq, fork) for _, seq, fork, state in draws]
+        result = self.sampler(logits, specs)
+        return [(i, seq, fork, result.row(k)) for k, (i, seq, fork, _) in enumerate(draws)]
+
+    def _process(self, out: SchedulerOutput, samples) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        for i, seq, fork, sample in samples:
+            state = self.requests.get(seq_group_id := out.scheduled[i].group.request_id)
+            if state is None:
+                continue
+            target = seq
+            if fork > 0:
+                target = self.scheduler.fork_seq(state.group, seq, next(self._seq_ids))
+                state.init_seq(target, index=fork, parent=seq)
+            finished = state.append(target, sample)
+            self.stats.generation_tokens += 1
+            if finished:
+                self.scheduler.free_seq(target)
+            touched[seq_group_id] = state
+        outputs = []
+        for rid, state in touched.items():
+            output = state.to_output()
+            outputs.append(output)
+            if output.finished:
+                self.requests.pop(rid, None)
+                for c in output.outputs:
+                    self.stats.finished[c.finish_reason] = self.stats.finished.get(c.finish_reason, 0) + 1
+        return outputs
