@@ -167,3 +167,181 @@ def dequantize(raw: np.ndarray, qtype: QT | int, shape: Optional[tuple[int, ...]
     for s in range(0, blocks.shape[0], chunk_blocks):
         out[s:s + chunk_blocks] = _deq_blocks(blocks[s:s + chunk_blocks], qt)
     return out.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF file -> HF names, HF layout, HF config / tokenizer / chat template
+# ----------------------------------------------------------------------------------------------
+
+# Architectures whose tensors map one to one onto HF's `LlamaForCausalLM`-shaped checkpoints.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Tensors llama.cpp stores that HF recomputes from the config (llama-3 rope scaling factors).
+_SKIPPED = {"rope_freqs"}
+_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
+_TOP_RE = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
+
+
+def gguf_hf_name(gguf_name: str) -> Optional[str]:
+    """GGUF tensor name -> HF parameter name; None for tensors HF does not keep (rope_freqs).
+
+    Raises KeyError for a tensor we do not know, so an unsupported model fails loudly.
+    """
+    m = _BLK_RE.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    m = _TOP_RE.match(gguf_name)
+    if m:
+        part, kind = m.groups()
+        if part in _SKIPPED:
+            return None
+        if part in _TOP_NAMES:
+            return f"{_TOP_NAMES[part]}.{kind}"
+    raise KeyError(f"GGUF tensor {gguf_name!r} has no HF name in our mapping")
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation for llama-family models.
+
+    llama.cpp's converter reorders each head's rows from HF's "rotate half" layout
+    (x0..x_{d/2-1}, x_{d/2}..x_{d-1}) into interleaved pairs (x0, x_{d/2}, x1, ...). Here each head's
+    rows are read as [d/2, 2] pairs and transposed back to [2, d/2]. Works for weights and biases.
+    """
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    out = w.reshape(n_head, half, 2, *w.shape[1:])            # [H, d/2, 2, ...]
+    return np.ascontiguousarray(out.swapaxes(1, 2)).reshape(w.shape)  # [H, 2, d/2, ...] -> [H*d, ...]
+
+
+def _field_value(field: Any) -> Any:
+    return field.contents()
+
+
+class GGUFModel:
+    """One GGUF file: its metadata as an HF config, tokenizer and chat template, and its weights.
+
+    The file is memory-mapped (`GGUFReader`), so opening it costs no weight memory; weights are
+    dequantized one tensor at a time in `iter_weights`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        self.folder, self.filename = os.path.split(self.path)
+        self.reader = gguf.GGUFReader(self.path, "r")
+        self._hf_config = None
+
+    # ---- metadata -------------------------------------------------------------------------
+    def metadata(self, key: str, default: Any = None) -> Any:
+        """One metadata value (str, int, float, or list), or `default` when absent."""
+        field = self.reader.fields.get(key)
+        return default if field is None else _field_value(field)
+
+    @property
+    def architecture(self) -> str:
+        """llama.cpp's architecture name, with HF's rename of llama-typed Mistral files."""
+        arch = self.metadata("general.architecture")
+        name = str(self.metadata("general.name", "") or "")
+        if arch == "llama" and "mistral" in name.lower():
+            return "mistral"
+        return arch
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        return self.metadata("tokenizer.chat_template")
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        v = self.metadata("tokenizer.ggml.bos_token_id")
+        return None if v is None else int(v)
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        v = self.metadata("tokenizer.ggml.eos_token_id")
+        return None if v is None else int(v)
+
+    @property
+    def add_bos_token(self) -> Optional[bool]:
+        v = self.metadata("tokenizer.ggml.add_bos_token")
+        return None if v is None else bool(v)
+
+    def hf_config(self):
+        """The HF `PretrainedConfig`, built by transformers from the GGUF metadata."""
+        if self._hf_config is None:
+            from transformers import AutoConfig
+            self._hf_config = AutoConfig.from_pretrained(self.folder, gguf_file=self.filename)
+        return self._hf_config
+
+    def tokenizer(self, **kwargs):
+        """The HF fast tokenizer, built by transformers from the GGUF vocabulary and merges."""
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.filename, **kwargs)
+        if getattr(tok, "chat_template", None) is None and self.chat_template:
+            tok.chat_template = self.chat_template
+        return tok
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """What generation_config.json would give: bos/eos/pad ids from the tokenizer metadata."""
+        out = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        pad = self.metadata("tokenizer.ggml.padding_token_id")
+        out["pad_token_id"] = None if pad is None else int(pad)
+        return out
+
+    # ---- weights --------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.reader.tensors]
+
+    def _head_counts(self) -> tuple[int, int]:
+        arch = self.metadata("general.architecture")
+        n_head = int(self.metadata(f"{arch}.attention.head_count"))
+        n_kv = int(self.metadata(f"{arch}.attention.head_count_kv", n_head))
+        return n_head, n_kv
+
+    def iter_weights(self, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (hf_name, array) one tensor at a time, in HF layout ([out, in] for linears)."""
+        arch = self.metadata("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise NotImplementedError(f"GGUF architecture {arch!r} is not supported "
+                                      f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        permuted = arch == "llama"          # only llama.cpp's llama converter permutes Q/K rows
+        n_head, n_kv = self._head_counts()
+        for t in self.reader.tensors:
+            hf_name = gguf_hf_name(t.name)
+            if hf_name is None:
+                continue
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))   # ggml ne -> numpy order
+            w = dequantize(t.data, t.tensor_type, shape)
+            if permuted and ".self_attn.q_proj." in hf_name:
+                w = _unpermute_rope_rows(w, n_head)
+            elif permuted and ".self_attn.k_proj." in hf_name:
+                w = _unpermute_rope_rows(w, n_kv)
+            if np.dtype(dtype) != np.float32:
+                w = w.astype(dtype)
+            yield hf_name, w
+
+
+def iter_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """(hf_name, array) for every tensor of a GGUF file, one at a time (see GGUFModel)."""
+    yield from GGUFModel(path).iter_weights(dtype)
