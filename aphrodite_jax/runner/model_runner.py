@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional, Sequence
 
 import jax
@@ -94,6 +93,7 @@ class ModelRunner:
         self.num_gpu_blocks, self.num_cpu_blocks = self._plan_cache()
         self.kv_caches = self._allocate_caches()
         self.host_cache = None  # lazily allocated swap space: np [L, cpu_blocks, page, 2Hkv, D]
+        self._warm = False
         self._build_jits()
 
     # ------------------------------------------------------------------ setup
@@ -129,58 +129,71 @@ class ModelRunner:
         alloc = jax.jit(lambda: jnp.zeros(shape, s.dtype), out_shardings=sharding)
         return [alloc() for _ in range(s.num_layers)]
 
+    def _replicated(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, P())
+
     def _build_jits(self) -> None:
+        """Jitted pure functions; `warmup()` compiles them ahead of time for every bucket."""
         graphdef, treedef = self._graphdef, self._treedef
         cache_sharding = self._cache_sharding()
+        n_layers = self.kv_spec.num_layers
 
-        def forward(leaves, kv_caches, packed, *, num_tokens: int, num_samples: int):
+        def forward(leaves, kv_caches, packed, *, num_tokens: int):
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            ids, md, logits_idx = self._unpack(packed, num_tokens, num_samples)
-            hidden, kv_caches = model(ids, kv_caches, md)  # [T, H]
-            logits = model.compute_logits(hidden[logits_idx])  # [B, V]
-            return logits, kv_caches
+            ids, md = self._unpack(packed, num_tokens)
+            return model(ids, kv_caches, md)  # (hidden [T, H], kv_caches)
 
-        out_shardings = None
-        if cache_sharding is not None:
-            out_shardings = (NamedSharding(self.mesh, P()), [cache_sharding] * self.kv_spec.num_layers)
-        self._forward = jax.jit(forward, static_argnames=("num_tokens", "num_samples"),
-                                donate_argnums=(1,), out_shardings=out_shardings)
+        def logits(leaves, hidden, idx):  # hidden [T, H], idx i32[B] -> f32[B, V]
+            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            return model.compute_logits(hidden[idx])
 
-        def copy_pages(kv_caches, src, dst):  # src, dst: i32[COPY_CHUNK]; dst == P means skip
-            return [c.at[dst].set(c[src], mode="drop") for c in kv_caches]
+        fwd_out = None if cache_sharding is None else (self._replicated(), [cache_sharding] * n_layers)
+        cache_out = None if cache_sharding is None else [cache_sharding] * n_layers
+        self._jits = {
+            "forward": jax.jit(forward, static_argnames=("num_tokens",), donate_argnums=(1,),
+                               out_shardings=fwd_out),
+            "logits": jax.jit(logits, out_shardings=self._replicated()),
+            "copy": jax.jit(lambda c, src, dst: [x.at[dst].set(x[src], mode="drop") for x in c],
+                            donate_argnums=(0,), out_shardings=cache_out),
+            "gather": jax.jit(lambda c, idx: jnp.stack([x[idx] for x in c])),
+            "scatter": jax.jit(lambda c, idx, d: [x.at[idx].set(d[i], mode="drop") for i, x in enumerate(c)],
+                               donate_argnums=(0,), out_shardings=cache_out),
+        }
+        self._compiled: dict[tuple, Any] = {}
 
-        def gather_pages(kv_caches, idx):
-            return jnp.stack([c[idx] for c in kv_caches])  # [L, C, page, 2Hkv, D]
+    def _call(self, name: str, key: tuple, *args, **static):
+        """Run the ahead-of-time compiled executable for (name, key); compile it first if missing."""
+        fn = self._compiled.get((name,) + key)
+        if fn is None:
+            if self._warm:
+                logger.warning("compiling %s%s after warm-up: a bucket was missed", name, key)
+            fn = self._jits[name].lower(*args, **static).compile()
+            self._compiled[(name,) + key] = fn
+        return fn(*args)
 
-        def scatter_pages(kv_caches, idx, data):
-            return [c.at[idx].set(data[i], mode="drop") for i, c in enumerate(kv_caches)]
-
-        self._copy_pages = jax.jit(copy_pages, donate_argnums=(0,))
-        self._gather_pages = jax.jit(gather_pages)
-        self._scatter_pages = jax.jit(scatter_pages, donate_argnums=(0,))
+    def _device_put(self, x: np.ndarray) -> jax.Array:
+        return jax.device_put(x, self._replicated()) if self.mesh is not None else jax.device_put(x)
 
     # ------------------------------------------------------------------ packing
-    def _layout(self, num_tokens: int, num_samples: int) -> list[tuple[str, tuple[int, ...]]]:
+    def _layout(self, num_tokens: int) -> list[tuple[str, tuple[int, ...]]]:
         s = self.seq_bucket
         return [("ids", (num_tokens,)), ("positions", (num_tokens,)), ("kv_lens", (s,)),
-                ("page_indices", (s, self.pages_per_seq)), ("cu_q_lens", (s + 1,)), ("num_seqs", (1,)),
-                ("logits_idx", (num_samples,))]
+                ("page_indices", (s, self.pages_per_seq)), ("cu_q_lens", (s + 1,)), ("num_seqs", (1,))]
 
-    def _unpack(self, packed, num_tokens: int, num_samples: int):
+    def _unpack(self, packed, num_tokens: int):
         parts, off = {}, 0
-        for name, shape in self._layout(num_tokens, num_samples):
+        for name, shape in self._layout(num_tokens):
             n = math.prod(shape)
             parts[name] = packed[off:off + n].reshape(shape)
             off += n
         md = AttentionMetadata(positions=parts["positions"], kv_lens=parts["kv_lens"],
                                page_indices=parts["page_indices"], cu_q_lens=parts["cu_q_lens"],
                                num_seqs=parts["num_seqs"])
-        return parts["ids"], md, parts["logits_idx"]
+        return parts["ids"], md
 
-    def _pack(self, num_tokens: int, num_samples: int, rows: Sequence[tuple[list[int], int, list[int]]],
-              sample_rows: Sequence[int]) -> np.ndarray:
-        """rows: (new token ids, start position, page table) per sequence; sample_rows: row index per sample."""
-        layout = self._layout(num_tokens, num_samples)
+    def _pack(self, num_tokens: int, rows: Sequence[tuple[list[int], int, list[int]]]) -> np.ndarray:
+        """rows: (new token ids, start position, page table) per sequence, in batch order."""
+        layout = self._layout(num_tokens)
         total = sum(math.prod(shape) for _, shape in layout)
         buf = np.zeros(total, np.int32)
         views, off = {}, 0
@@ -200,24 +213,29 @@ class ModelRunner:
             cu[i + 1] = t
         cu[len(rows) + 1:] = t
         views["num_seqs"][0] = len(rows)
-        ends = cu[1:len(rows) + 1] - 1
-        views["logits_idx"][:len(sample_rows)] = ends[np.asarray(sample_rows, np.int64)] if sample_rows else []
         return buf
 
     # ------------------------------------------------------------------ running
     def buckets_for(self, num_tokens: int, num_samples: int) -> tuple[int, int]:
+        """(token bucket, sample bucket); tokens are padded up to at least the sample bucket, which
+        keeps the shape set small when best_of draws several samples from one row."""
         b = pick_bucket(self.sample_buckets, max(num_samples, 1))
-        t = pick_bucket(self.token_buckets, max(num_tokens, b))
-        return t, b
+        return pick_bucket(self.token_buckets, max(num_tokens, b)), b
 
     def run_model(self, rows: Sequence[tuple[list[int], int, list[int]]], sample_rows: Sequence[int]):
-        """Run the model on a ragged batch; returns device logits [B_bucket, V] for the sample rows."""
+        """Run the model on a ragged batch. Returns device logits f32[B_bucket, V] for `sample_rows`
+        (indices into `rows`: the logits of each such row's last token), or None when there are none."""
         num_tokens = sum(len(r[0]) for r in rows)
         t, b = self.buckets_for(num_tokens, len(sample_rows))
-        packed = jax.device_put(self._pack(t, b, rows, sample_rows))
-        logits, self.kv_caches = self._forward(self._leaves, self.kv_caches, packed,
-                                               num_tokens=t, num_samples=b)
-        return logits
+        packed = self._device_put(self._pack(t, rows))
+        hidden, self.kv_caches = self._call("forward", (t,), self._leaves, self.kv_caches, packed,
+                                            num_tokens=t)
+        if not sample_rows:
+            return None
+        ends = np.cumsum([len(r[0]) for r in rows]) - 1
+        idx = np.zeros(b, np.int32)
+        idx[:len(sample_rows)] = ends[np.asarray(sample_rows)]
+        return self._call("logits", (t, b), self._leaves, hidden, self._device_put(idx))
 
     def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: copy page src -> dst for each pair, in chunks of COPY_CHUNK."""
@@ -227,7 +245,8 @@ class ModelRunner:
             dst = np.full(COPY_CHUNK, self.num_gpu_blocks, np.int32)
             src[:len(chunk)] = [p[0] for p in chunk]
             dst[:len(chunk)] = [p[1] for p in chunk]
-            self.kv_caches = self._copy_pages(self.kv_caches, src, dst)
+            self.kv_caches = self._call("copy", (), self.kv_caches, self._device_put(src),
+                                        self._device_put(dst))
 
     def _host_cache(self) -> np.ndarray:
         if self.host_cache is None:
@@ -243,7 +262,7 @@ class ModelRunner:
             chunk = pairs[i:i + COPY_CHUNK]
             idx = np.zeros(COPY_CHUNK, np.int32)
             idx[:len(chunk)] = [p[0] for p in chunk]
-            data = np.asarray(self._gather_pages(self.kv_caches, idx))
+            data = np.asarray(self._call("gather", (), self.kv_caches, self._device_put(idx)))
             host[:, [p[1] for p in chunk]] = data[:, :len(chunk)]
 
     def swap_in(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -256,19 +275,28 @@ class ModelRunner:
             idx[:len(chunk)] = [p[1] for p in chunk]
             data = np.zeros((s.num_layers, COPY_CHUNK) + host.shape[2:], host.dtype)
             data[:, :len(chunk)] = host[:, [p[0] for p in chunk]]
-            self.kv_caches = self._scatter_pages(self.kv_caches, idx, data)
+            self.kv_caches = self._call("scatter", (), self.kv_caches, self._device_put(idx),
+                                        self._device_put(data))
 
     # ------------------------------------------------------------------ warm-up
-    def warmup_model(self, progress: bool = True) -> None:
-        """Compile the model step for every (token, sample) bucket, and the page-move helpers."""
-        shapes = self.shapes
-        for t, b in tqdm(shapes, desc="Compiling model buckets", disable=not progress):
-            rows = [([0], 0, [0])]
-            packed = jax.device_put(self._pack(t, b, rows, [0]))
-            logits, self.kv_caches = self._forward(self._leaves, self.kv_caches, packed,
-                                                   num_tokens=t, num_samples=b)
-            logits.block_until_ready()
-        # Page 0 of this warm-up garbage is never read: pages are written before they are attended.
-        self.copy_pages([(0, 0)])
-        self.swap_in([(0, 0)]) if self.num_cpu_blocks else None
-        self.swap_out([(0, 0)]) if self.num_cpu_blocks else None
+    def warmup(self, progress: bool = True) -> None:
+        """Compile, ahead of time and without running, every bucket of every step function."""
+        i32 = jnp.int32
+        sds = lambda shape, dtype=i32: jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated())
+        hidden_size = self.hf_config.hidden_size
+        jobs = []
+        for t in self.token_buckets:
+            n = sum(math.prod(shape) for _, shape in self._layout(t))
+            jobs.append(("forward", (t,), (self._leaves, self.kv_caches, sds((n,))), {"num_tokens": t}))
+        for t, b in self.shapes:
+            jobs.append(("logits", (t, b), (self._leaves, sds((t, hidden_size), self.kv_spec.dtype),
+                                            sds((b,))), {}))
+        s = self.kv_spec
+        data = sds((s.num_layers, COPY_CHUNK, self.block_size, 2 * s.num_kv_heads, s.head_dim), s.dtype)
+        jobs += [("copy", (), (self.kv_caches, sds((COPY_CHUNK,)), sds((COPY_CHUNK,))), {}),
+                 ("gather", (), (self.kv_caches, sds((COPY_CHUNK,))), {}),
+                 ("scatter", (), (self.kv_caches, sds((COPY_CHUNK,)), data), {})]
+        for name, key, args, static in tqdm(jobs, desc="Compiling", disable=not progress):
+            if (name,) + key not in self._compiled:
+                self._compiled[(name,) + key] = self._jits[name].lower(*args, **static).compile()
+        self._warm = True
