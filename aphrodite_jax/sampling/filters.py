@@ -1,0 +1,95 @@
+"""The built-in sampler steps (spec section 3.2): penalties, temperature, top-p/top-k, min-p.
+
+Each is a pure function (logits f32[B, V], params {name: [B]}, md) -> f32[B, V], registered by name.
+Greedy rows carry neutral values (temperature 1, no truncation), as Aphrodite resets them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aphrodite_jax.sampling.registry import register_sampler
+
+_EPS = 1e-5
+_TEMPERATURE_MIN = 2e-5
+NEG_INF = -jnp.inf
+
+
+def token_counts(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Per-row counts of token ids: ids i32[B, L] padded with vocab_size (dropped) -> i32[B, V]."""
+    b = ids.shape[0]
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+    return jnp.zeros((b, vocab_size), jnp.int32).at[rows, ids].add(1, mode="drop")
+
+
+@register_sampler(
+    "penalties",
+    fields={"repetition_penalty": (1.0, np.float32), "frequency_penalty": (0.0, np.float32),
+            "presence_penalty": (0.0, np.float32)},
+    active=lambda p: ((abs(p["presence_penalty"]) >= _EPS) | (abs(p["frequency_penalty"]) >= _EPS)
+                      | (p["repetition_penalty"] > 1.0 + _EPS)),
+)
+def penalties(logits, p, md):
+    """Repetition over prompt+output, then frequency and presence over output tokens (spec 3.2).
+
+    The token history comes as padded id arrays (md.prompt_ids [B, Lp], md.output_ids [B, Lo]); the
+    [B, V] counts are built here on device with a scatter-add, so the host never sends [B, V] data.
+    """
+    v = logits.shape[-1]
+    out_counts = token_counts(md.output_ids, v)  # [B, V]
+    seen = (token_counts(md.prompt_ids, v) > 0) | (out_counts > 0)  # [B, V]
+    rep = p["repetition_penalty"][:, None]  # [B, 1]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - p["frequency_penalty"][:, None] * out_counts.astype(logits.dtype)
+    logits = logits - p["presence_penalty"][:, None] * (out_counts > 0).astype(logits.dtype)
+    return logits
+
+
+def _temperature_host(sp):
+    # Greedy rows (T < 1e-5) are treated as T = 1 inside the chain; the argmax is taken at the end.
+    return {"temperature": 1.0 if sp.temperature < _EPS else sp.temperature}
+
+
+@register_sampler("temperature", fields={"temperature": (1.0, np.float32)},
+                  active=lambda p: abs(p["temperature"] - 1.0) >= _EPS, host=_temperature_host)
+def temperature(logits, p, md):
+    """l <- (l - max l) / T, T floored at 2e-5 (the shift changes nothing but the numerics)."""
+    t = jnp.maximum(p["temperature"], _TEMPERATURE_MIN)[:, None]  # [B, 1]
+    return (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
+
+
+def _top_p_top_k_host(sp):
+    return {"top_p": sp.top_p, "top_k": -1 if sp.top_k is None or sp.top_k <= 0 else sp.top_k}
+
+
+@register_sampler("top_p_top_k", fields={"top_p": (1.0, np.float32), "top_k": (-1, np.int32)},
+                  active=lambda p: (p["top_p"] < 1.0 - _EPS) | (p["top_k"] > 0), host=_top_p_top_k_host)
+def top_p_top_k(logits, p, md):
+    """Top-k (keep l >= k-th largest, ties survive), then top-p on the renormalized remainder.
+
+    Top-p removes the tokens whose ascending cumulative probability is <= 1 - top_p, never the most
+    likely one. One descending sort serves both; the result is applied as a per-row logit cutoff, so
+    tokens tied with the last kept one survive too.
+    """
+    v = logits.shape[-1]
+    k = p["top_k"]
+    k = jnp.where(k <= 0, v, jnp.minimum(k, v))  # [B]
+    srt = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)  # [B, 1]
+    srt_k = jnp.where(srt >= kth, srt, NEG_INF)  # [B, V]
+    probs = jax.nn.softmax(srt_k, axis=-1)  # [B, V], descending order
+    asc_cum = jnp.cumsum(probs[:, ::-1], axis=-1)[:, ::-1]  # [B, V]: mass of this token and all below
+    top_p = p["top_p"][:, None]  # [B, 1]
+    remove = (asc_cum <= 1.0 - top_p) & (top_p < 1.0 - _EPS)
+    remove = remove.at[:, 0].set(False)
+    keep = (~remove) & (srt_k > NEG_INF)  # [B, V]
+    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+    return jnp.where(logits >= cutoff, logits, NEG_INF)
+
+
+@register_sampler("min_p", fields={"min_p": (0.0, np.float32)}, active=lambda p: p["min_p"] > _EPS)
+def min_p(logits, p, md):
+    """Removes tokens with p_i < min_p * max_j p_j, i.e. l_i - max l < log(min_p)."""
+    rel = logits - jnp.max(logits, axis=-1, keepdims=True)  # [B, V], <= 0
+    return jnp.where(rel < jnp.log(p["min_p"])[:, None], NEG_INF, logits)

@@ -1,0 +1,152 @@
+"""SamplingMetadata: the per-row sampler inputs of one step, padded to a batch bucket B.
+
+Built on the host as NumPy arrays by `make_sampling_metadata`; the runner moves the whole pytree to the
+device (`jax.device_put(md)`) in one transfer. Every array's shape depends only on B, V-independent
+widths and bucketed list lengths, never on parameter values, so new values never recompile.
+
+Layout (padded rows are greedy and neutral; padded ids are `vocab_size`, which scatters drop):
+- params: {field: [B]} for every field of every registered sampler step (registry.all_fields()).
+- greedy bool[B]: temperature < 1e-5 (argmax of the processed logits).
+- key_data u32[B, 2]: threefry key data of the row's seed, (seed >> 32, seed & 0xffffffff) of the seed
+  as uint64, i.e. `jax.random.PRNGKey(seed)` for 0 <= seed < 2**31; output_index i32[B]: the index of
+  the output token being drawn. The draw key is fold_in(key, output_index), so it never depends on
+  the other rows.
+- bias_ids i32[B, Kb], bias_vals f32[B, Kb]: sparse additive logit changes, applied before the chain:
+  logit_bias (clamped to +-100), custom_token_bans (-inf) and, while the output is shorter than
+  min_tokens, the row's stop ids (EOS unless ignore_eos, plus stop_token_ids) (-inf).
+- allowed_ids i32[B, Ka] + has_allowed bool[B]: allowed_token_ids mask.
+- prompt_ids i32[B, Lp], output_ids i32[B, Lo]: the token history for the penalties (counts are
+  built on device). Filled only for rows with a penalty; width 1 when no row has one.
+Widths are powers of two (>= 8 when used); pass fixed widths to pin the shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+
+from aphrodite_jax.sampling import filters as _filters  # noqa: F401  (registers the built-in steps)
+from aphrodite_jax.sampling.registry import all_fields, host_values, registered_steps
+from aphrodite_jax.sampling_params import SamplingParams
+
+_EPS = 1e-5
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingMetadata:
+    params: dict  # {field: [B]}
+    greedy: Any  # bool[B]
+    key_data: Any  # u32[B, 2]
+    output_index: Any  # i32[B]
+    bias_ids: Any  # i32[B, Kb]
+    bias_vals: Any  # f32[B, Kb]
+    allowed_ids: Any  # i32[B, Ka]
+    has_allowed: Any  # bool[B]
+    prompt_ids: Any  # i32[B, Lp]
+    output_ids: Any  # i32[B, Lo]
+
+    def replace(self, **kw: Any) -> "SamplingMetadata":
+        return dataclasses.replace(self, **kw)
+
+
+class SamplingRow(NamedTuple):
+    """One row of the batch: the request's params, its seed, and the number of outputs so far."""
+
+    params: SamplingParams
+    seed: int
+    output_index: int
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+
+
+def _width(n: int, fixed: Optional[int]) -> int:
+    if fixed is not None:
+        if n > fixed:
+            raise ValueError(f"{n} entries do not fit the fixed width {fixed}")
+        return fixed
+    if n == 0:
+        return 1
+    return max(8, 1 << (n - 1).bit_length())
+
+
+def seed_key_data(seed: int) -> tuple[int, int]:
+    """Threefry key data of a (possibly negative, 64-bit) seed."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return s >> 32, s & 0xFFFFFFFF
+
+
+def _has_penalty(sp: SamplingParams) -> bool:
+    return (abs(sp.presence_penalty) >= _EPS or abs(sp.frequency_penalty) >= _EPS
+            or sp.repetition_penalty > 1.0 + _EPS)
+
+
+def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: int, *,
+                           eos_token_ids: Sequence[int] = (), bias_width: Optional[int] = None,
+                           allowed_width: Optional[int] = None, prompt_width: Optional[int] = None,
+                           output_width: Optional[int] = None) -> SamplingMetadata:
+    """Host NumPy arrays for `sample()`; rows are `SamplingRow`s or tuples in its field order."""
+    rows = [r if isinstance(r, SamplingRow) else SamplingRow(*r) for r in rows]
+    b = batch_bucket
+    if len(rows) > b:
+        raise ValueError(f"{len(rows)} rows do not fit batch bucket {b}")
+    fields = all_fields()
+    params = {name: np.full((b,), off, dtype) for name, (off, dtype) in fields.items()}
+    greedy = np.ones((b,), bool)
+    key_data = np.zeros((b, 2), np.uint32)
+    output_index = np.zeros((b,), np.int32)
+    biases: list[dict[int, float]] = []
+    allowed: list[Optional[list[int]]] = []
+    hist: list[tuple[Sequence[int], Sequence[int]]] = []
+    steps = registered_steps()
+    for i, r in enumerate(rows):
+        sp = r.params
+        for step in steps:
+            for name, val in host_values(step, sp).items():
+                params[name][i] = val
+        greedy[i] = sp.temperature < _EPS
+        key_data[i] = seed_key_data(r.seed)
+        output_index[i] = r.output_index
+        bias: dict[int, float] = dict(sp.logit_bias or {})
+        for t in sp.custom_token_bans or ():
+            bias[t] = -np.inf
+        if len(r.output_token_ids) < sp.min_tokens:
+            for t in sp.all_stop_token_ids(eos_token_ids):
+                bias[t] = -np.inf
+        biases.append(bias)
+        allowed.append(list(sp.allowed_token_ids) if sp.allowed_token_ids is not None else None)
+        hist.append((r.prompt_token_ids, r.output_token_ids) if _has_penalty(sp) else ((), ()))
+
+    kb = _width(max((len(x) for x in biases), default=0), bias_width)
+    bias_ids = np.full((b, kb), vocab_size, np.int32)
+    bias_vals = np.zeros((b, kb), np.float32)
+    ka = _width(max((len(x) for x in allowed if x is not None), default=0), allowed_width)
+    allowed_ids = np.full((b, ka), vocab_size, np.int32)
+    has_allowed = np.zeros((b,), bool)
+    lp = _width(max((len(h[0]) for h in hist), default=0), prompt_width)
+    lo = _width(max((len(h[1]) for h in hist), default=0), output_width)
+    prompt_ids = np.full((b, lp), vocab_size, np.int32)
+    output_ids = np.full((b, lo), vocab_size, np.int32)
+    for i in range(len(rows)):
+        if biases[i]:
+            ids, vals = zip(*biases[i].items())
+            bias_ids[i, :len(ids)] = ids
+            bias_vals[i, :len(ids)] = vals
+        if allowed[i] is not None:
+            has_allowed[i] = True
+            allowed_ids[i, :len(allowed[i])] = allowed[i]
+        prompt_ids[i, :len(hist[i][0])] = hist[i][0]
+        output_ids[i, :len(hist[i][1])] = hist[i][1]
+    return SamplingMetadata(params, greedy, key_data, output_index, bias_ids, bias_vals, allowed_ids,
+                            has_allowed, prompt_ids, output_ids)
+
+
+def batch_statics(rows: Sequence[Any]) -> tuple[bool, int]:
+    """(all_greedy, max_num_logprobs) of a batch; a runner that wants no recompiles passes its
+    configured max_logprobs instead of the second value."""
+    rows = [r if isinstance(r, SamplingRow) else SamplingRow(*r) for r in rows]
+    all_greedy = all(r.params.temperature < _EPS for r in rows)
+    k = max((r.params.logprobs or 0 for r in rows), default=0)
+    return all_greedy, k
