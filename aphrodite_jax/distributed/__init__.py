@@ -1,0 +1,12 @@
+"""Device mesh and logical-axis sharding rules (tensor parallelism over the 'model' mesh axis)."""
+from aphrodite_jax.distributed.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, mesh_tp_size
+from aphrodite_jax.distributed.sharding import (
+    LOGICAL_RULES,
+    logical_to_spec,
+    named_sharding,
+    plan_attention,
+    shard_dim_if_divisible,
+)
+
+__all__ = ["DATA_AXIS", "MODEL_AXIS", "make_mesh", "mesh_tp_size", "LOGICAL_RULES", "logical_to_spec",
+           "named_sharding", "plan_attention", "shard_dim_if_divisible"]

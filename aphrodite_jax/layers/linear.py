@@ -1,0 +1,40 @@
+"""Dense layers with logical-axis annotations.
+
+Weights are stored [in, out] (the JAX layout; HF/torch stores [out, in], the loaders transpose).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # weights of a freshly built (not loaded) model
+
+
+def init_param(rngs: nnx.Rngs, shape, dtype, axes, *, std: float = INIT_STD, ones: bool = False,
+               zeros: bool = False) -> nnx.Param:
+    """An nnx.Param with a small-normal (or ones/zeros) value and its logical axes as metadata."""
+    if ones:
+        value = jnp.ones(shape, dtype)
+    elif zeros:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b); W [in, out] annotated (in_axis, out_axis)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs,
+                 axes: tuple[Optional[str], Optional[str]] = (None, None)):
+        self.weight = init_param(rngs, (in_features, out_features), dtype, axes)  # [in, out]
+        self.bias = init_param(rngs, (out_features,), dtype, (axes[1],), zeros=True) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        y = x @ self.weight[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y

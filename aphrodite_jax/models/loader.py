@@ -1,0 +1,186 @@
+"""Build a model from a ModelConfig: resolve the source, build abstractly, load tensor by tensor sharded.
+
+The module is first built with `nnx.eval_shape` (no memory), then every weight is placed straight into its
+sharded device array as it arrives from the weight source (safetensors, GGUF) or is drawn on device
+(dummy). `make_forward` gives the engine the pure jitted step with the KV caches donated.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from aphrodite_jax.distributed.mesh import mesh_tp_size
+from aphrodite_jax.distributed.sharding import named_sharding
+from aphrodite_jax.models.registry import get_model_class
+
+_DTYPE_ALIASES = {"float32": jnp.float32, "float": jnp.float32, "fp32": jnp.float32,
+                  "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                  "float16": jnp.float16, "half": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+    """'auto' is fp32 on CPU and bf16 on TPU/GPU."""
+    if name == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if name not in _DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {name!r}")
+    return jnp.dtype(_DTYPE_ALIASES[name])
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the nnx module, weights on device
+    hf_config: Any
+    dtype: jnp.dtype
+    max_model_len: int
+    tokenizer_source: Optional[str]  # HF folder / GGUF folder to load the tokenizer from
+    gguf_file: Optional[str] = None  # set when the tokenizer comes from a GGUF file in tokenizer_source
+    source_kind: str = "hf_dir"  # "hf_dir" | "gguf" | "dummy"
+    extra: dict = field(default_factory=dict)
+
+
+def build_abstract(model_cls, hf_config, dtype, mesh: Optional[Mesh]):
+    """The module with ShapeDtypeStruct leaves: structure and logical axes, no memory."""
+    return nnx.eval_shape(lambda: model_cls(hf_config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def _progress(it: Iterable, total: Optional[int], desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)
+
+
+def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights drawn directly on device in their final sharding (norm weights = 1, biases = 0)."""
+    key = jax.random.PRNGKey(seed)
+    params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    for i, (path, param) in enumerate(_progress(params, len(params), "dummy weights")):
+        cur = param.get_value()
+        shape, dtype = tuple(cur.shape), cur.dtype
+        sharding = named_sharding(model.mesh, param.get_metadata()["logical_axes"]) if model.mesh is not None \
+            else None
+        leaf = str(path[-1])
+        norm = "norm" in ".".join(map(str, path))
+        if leaf == "bias":
+            fn = lambda k: jnp.zeros(shape, dtype)  # noqa: E731
+        elif norm:
+            fn = lambda k: jnp.ones(shape, dtype)  # noqa: E731
+        else:
+            fn = lambda k: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)  # noqa: E731
+        param.set_value(jax.jit(fn, out_shardings=sharding)(jax.random.fold_in(key, i)))
+
+
+def _dummy_hf_config(model_config):
+    from transformers import AutoConfig
+    over = dict(model_config.hf_overrides or {})
+    src = model_config.model
+    if src and (os.path.isdir(src) or src.endswith(".json")):
+        cfg = AutoConfig.from_pretrained(src)
+    elif src and not over.get("model_type"):
+        cfg = AutoConfig.from_pretrained(src)  # HF id already in the local cache
+    else:
+        cfg = AutoConfig.for_model(over.pop("model_type", "llama"))
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    if not getattr(cfg, "architectures", None):
+        cfg.architectures = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"],
+                             "qwen2": ["Qwen2ForCausalLM"], "qwen3": ["Qwen3ForCausalLM"]}.get(cfg.model_type)
+    return cfg
+
+
+def _resolve_source(model_config) -> tuple[str, str]:
+    """(kind, path): a local HF folder is taken as is; anything else goes through loaders.resolve."""
+    name = model_config.model
+    if name and os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
+        return "hf_dir", name
+    if name and os.path.isfile(name) and name.endswith(".gguf"):
+        return "gguf", name
+    from aphrodite_jax.loaders.resolve import resolve_model
+    resolved = resolve_model(name)
+    return resolved.kind, str(resolved.path)
+
+
+def load_model(model_config, mesh: Optional[Mesh] = None) -> LoadedModel:
+    """Load per model_config.load_format ('auto' | 'safetensors' | 'gguf' | 'dummy') onto `mesh`."""
+    dtype = resolve_dtype(model_config.dtype)
+    fmt = model_config.load_format
+    gguf_file = None
+    if fmt == "dummy":
+        hf_config, kind = _dummy_hf_config(model_config), "dummy"
+        tok_src = model_config.tokenizer or (model_config.model if model_config.model and
+                                             os.path.isdir(model_config.model) else None)
+        weights, total = None, None
+    else:
+        kind, path = _resolve_source(model_config)
+        if fmt == "safetensors" and kind != "hf_dir":
+            raise ValueError(f"load_format='safetensors' needs an HF folder, got a {kind} source: {path}")
+        if fmt == "gguf" and kind != "gguf":
+            raise ValueError(f"load_format='gguf' needs a .gguf file, got a {kind} source: {path}")
+        if kind == "gguf":
+            from aphrodite_jax.loaders.gguf_loader import GGUFModel
+            g = GGUFModel(path)
+            hf_config = g.hf_config()
+            weights, total = g.iter_weights(), len(g.tensor_names())
+            tok_src, gguf_file = model_config.tokenizer or g.folder, (None if model_config.tokenizer else g.filename)
+        else:
+            from transformers import AutoConfig
+            from aphrodite_jax.loaders.safetensors_loader import count_safetensors_weights, iter_safetensors_weights
+            hf_config = AutoConfig.from_pretrained(path)
+            weights, total = iter_safetensors_weights(path), count_safetensors_weights(path)
+            tok_src = model_config.tokenizer or path
+    model_cls = get_model_class(hf_config)
+    model = build_abstract(model_cls, hf_config, dtype, mesh)
+    if weights is None:
+        init_dummy_weights(model, seed=model_config.seed)
+    else:
+        model.load_weights(_progress(weights, total, "loading weights"))
+    max_len = model_config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
+    return LoadedModel(model=model, hf_config=hf_config, dtype=dtype, max_model_len=max_len,
+                       tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind)
+
+
+def make_kv_caches(model, num_pages: int, page_size: int, dtype=None) -> list[jax.Array]:
+    """Zeroed per-layer caches [P, page, 2*Hkv_stored, D], allocated on device in their sharding."""
+    layers, heads, head_dim = model.num_layers, model.layers[0].attn.kv_heads_stored, model.head_dim
+    shape = (num_pages, page_size, 2 * heads, head_dim)
+    dtype = dtype or model.dtype
+    alloc = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=model.kv_cache_sharding())
+    return [alloc() for _ in range(layers)]
+
+
+@dataclass
+class Forward:
+    """The model as pure jitted functions over flattened state leaves (split once, never re-walked).
+
+    step(state_leaves, kv_caches, input_ids, md) -> (hidden [T, H], kv_caches)   (kv_caches donated)
+    logits(state_leaves, hidden [N, H]) -> f32[N, V]
+    """
+    state_leaves: list
+    step: Callable
+    logits: Callable
+
+
+def make_forward(model) -> Forward:
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+
+    def merged(state_leaves):
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, state_leaves))
+
+    @jax.jit
+    def logits(state_leaves, hidden):
+        return merged(state_leaves).compute_logits(hidden)
+
+    def _step(state_leaves, kv_caches, input_ids, md):
+        return merged(state_leaves)(input_ids, kv_caches, md)
+
+    return Forward(state_leaves=leaves, step=jax.jit(_step, donate_argnums=(1,)), logits=logits)
