@@ -15,11 +15,12 @@ Layout and conventions (shared by every implementation):
   their output is zero and their K/V is not written.
 - sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
 
-`impl="auto"` picks the Pallas TPU kernel on TPU and the pure-JAX reference elsewhere.
+`impl="auto"` picks the Pallas TPU kernel on TPU and the pure-JAX reference elsewhere; `impl="tpu"` forces the
+TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
@@ -34,6 +35,7 @@ def ragged_paged_attention(
     sliding_window: Optional[int] = None,
     soft_cap: Optional[float] = None,
     impl: str = "auto",
+    interpret: Any = False,
 ):
     if impl == "auto":
         impl = "tpu" if jax.default_backend() == "tpu" else "reference"
@@ -43,5 +45,6 @@ def ragged_paged_attention(
     if impl == "tpu":
         from pallas_kernels.tpu import ragged_paged_attention as tpu_rpa
         return tpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                       interpret=interpret)
     raise ValueError(f"unknown attention impl {impl!r}")
