@@ -10,6 +10,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("aphrodite_jax.models.qwen3", "Qwen3ForCausalLM"),
 }
 
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
@@ -19,6 +22,8 @@ def get_model_class(hf_config_or_arch):
     """Class for an HF config (its first supported `architectures` entry) or an architecture name."""
     archs = [hf_config_or_arch] if isinstance(hf_config_or_arch, str) else \
         list(getattr(hf_config_or_arch, "architectures", None) or [])
+    if not archs and getattr(hf_config_or_arch, "model_type", None) in _BY_MODEL_TYPE:
+        archs = [_BY_MODEL_TYPE[hf_config_or_arch.model_type]]  # e.g. configs built from GGUF metadata
     for arch in archs:
         if arch in _MODELS:
             module, cls = _MODELS[arch]
