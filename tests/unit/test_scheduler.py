@@ -1,0 +1,245 @@
+"""Scheduler: FCFS, limits, decode-first order, chunked prefill, preemption, aborts, ignored prompts.
+
+A fake engine loop drives it: schedule, check the invariants the runner relies on, on_step_done,
+then append a fake token to every sampled row.
+"""
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from aphrodite_jax.config import CacheConfig, SchedulerConfig
+from aphrodite_jax.engine.scheduler import Scheduler
+from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+BS = 8
+
+
+def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, **kw):
+    return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=BS, enable_prefix_caching=prefix),
+                     num_gpu, num_cpu, max_model_len)
+
+
+def add(s, rid, prompt, t=None, params=None):
+    seq = Sequence(int(rid), list(prompt), BS)
+    g = SequenceGroup(str(rid), [seq], arrival_time=float(rid if t is None else t),
+                      sampling_params=params)
+    s.add_seq_group(g)
+    return g
+
+
+def check_rows(s, out):
+    """The runner's invariants: pages cover each row's tokens and belong to nobody else."""
+    seen = {}
+    for r in out.scheduled:
+        assert r.num_new_tokens >= 1
+        end = r.seq.num_computed_tokens + r.num_new_tokens
+        assert end <= r.seq.get_len()
+        assert len(r.block_table) * BS >= end
+        assert r.do_sample == (end == r.seq.get_len())
+        # Pages written this step are private to the row.
+        for page in r.block_table[r.seq.num_computed_tokens // BS:(end - 1) // BS + 1]:
+            assert page not in seen, "two rows write the same page"
+            seen[page] = r.seq.seq_id
+    kinds = [r.is_prefill for r in out.scheduled]
+    assert kinds == sorted(kinds), "decode rows must come before prefill rows"
+    assert out.num_batched_tokens == sum(r.num_new_tokens for r in out.scheduled)
+    assert out.num_batched_tokens <= s.max_num_batched_tokens
+    assert sum(g.num_seqs(SequenceStatus.RUNNING) for g in s.running) <= s.max_num_seqs
+
+
+def step(s, max_out=4, token=1):
+    out = s.schedule()
+    check_rows(s, out)
+    s.on_step_done(out)
+    for r in out.scheduled:
+        if r.do_sample:
+            r.seq.append_token(token, -1.0)
+            if r.seq.get_output_len() >= max_out:
+                r.seq.status = SequenceStatus.FINISHED_LENGTH
+                s.free_seq(r.seq)
+    s.free_finished_seq_groups()
+    return out
+
+
+def run_to_end(s, max_out=4, limit=2000):
+    outs = []
+    while s.has_unfinished_seqs():
+        outs.append(step(s, max_out))
+        assert len(outs) < limit, "scheduler made no progress"
+    return outs
+
+
+def test_fcfs_and_max_num_seqs():
+    s = make_sched(max_num_seqs=2)
+    groups = [add(s, i, range(5)) for i in range(4)]
+    out = s.schedule()
+    assert [r.group.request_id for r in out.scheduled] == ["0", "1"]
+    assert all(r.is_prefill and r.do_sample and r.num_new_tokens == 5 for r in out.scheduled)
+    assert len(s.waiting) == 2 and s.waiting[0] is groups[2]
+
+
+def test_token_budget_limits_prefills_without_chunking():
+    s = make_sched(max_num_batched_tokens=20, max_model_len=20)
+    for i in range(3):
+        add(s, i, range(8))
+    out = s.schedule()
+    assert [r.group.request_id for r in out.scheduled] == ["0", "1"]
+    assert out.num_batched_tokens == 16
+
+
+def test_decodes_first_then_new_prefills():
+    s = make_sched()
+    add(s, 0, range(5))
+    step(s, max_out=10)
+    add(s, 1, range(7))
+    out = s.schedule()
+    assert [(r.group.request_id, r.num_new_tokens, r.is_prefill) for r in out.scheduled] == [
+        ("0", 1, False), ("1", 7, True)]
+    assert all(r.do_sample for r in out.scheduled)
+
+
+def test_chunked_prefill_splits_long_prompt():
+    budget = 16
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=budget)
+    g = add(s, 0, range(40))
+    seq = g.seqs[0]
+    chunks, samples = [], []
+    while seq.get_output_len() == 0:
+        out = step(s, max_out=10)
+        (row,) = out.scheduled
+        chunks.append(row.num_new_tokens)
+        samples.append(row.do_sample)
+    assert sum(chunks) == 40 and max(chunks) <= budget and len(chunks) == -(-40 // budget)
+    assert samples == [False] * (len(chunks) - 1) + [True]
+    assert s.num_prefill_tokens_computed == 40
+
+
+def test_chunked_prefill_keeps_decodes_first_and_within_budget():
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=10)
+    add(s, 0, range(3))
+    step(s, max_out=20)
+    add(s, 1, range(30))
+    out = step(s, max_out=20)
+    assert [(r.group.request_id, r.num_new_tokens) for r in out.scheduled] == [("0", 1), ("1", 9)]
+    assert not out.scheduled[1].do_sample
+    out = step(s, max_out=20)
+    assert [(r.group.request_id, r.num_new_tokens) for r in out.scheduled] == [("0", 1), ("1", 9)]
+
+
+def test_prompt_too_long_is_ignored():
+    s = make_sched(max_model_len=16)
+    g = add(s, 0, range(17))
+    ok = add(s, 1, range(4))
+    out = s.schedule()
+    assert out.ignored == [g]
+    assert g.seqs[0].status is SequenceStatus.FINISHED_IGNORED
+    assert [r.group for r in out.scheduled] == [ok]
+
+
+def test_prompt_larger_than_cache_is_ignored():
+    s = make_sched(num_gpu=2, max_model_len=64)
+    g = add(s, 0, range(3 * BS))
+    out = s.schedule()
+    assert out.ignored == [g] and out.is_empty
+    assert not s.has_unfinished_seqs()
+
+
+@pytest.mark.parametrize("mode,num_cpu", [("recompute", 0), ("swap", 16), ("swap", 0)])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_preemption_under_tiny_cache_still_finishes_everything(mode, num_cpu, chunked):
+    num_gpu = 6
+    s = make_sched(num_gpu=num_gpu, num_cpu=num_cpu, max_model_len=48, preemption_mode=mode,
+                   enable_chunked_prefill=chunked, max_num_batched_tokens=32 if chunked else None)
+    rng = random.Random(1)
+    groups = [add(s, i, [rng.randrange(1000) for _ in range(rng.randrange(3, 14))]) for i in range(6)]
+    outs = run_to_end(s, max_out=12)
+    assert s.num_preemptions > 0
+    assert all(g.seqs[0].status is SequenceStatus.FINISHED_LENGTH for g in groups)
+    assert all(g.seqs[0].get_output_len() == 12 for g in groups)
+    bm = s.block_manager
+    assert bm.num_free_gpu_blocks == num_gpu and bm.num_free_cpu_blocks == num_cpu
+    swapped_out = sum(len(o.blocks_to_swap_out) for o in outs)
+    swapped_in = sum(len(o.blocks_to_swap_in) for o in outs)
+    assert swapped_out == swapped_in
+    assert (swapped_out > 0) == (mode == "swap" and num_cpu > 0)
+
+
+def test_recompute_preemption_goes_to_front_and_reprefills_outputs():
+    s = make_sched(num_gpu=3, max_model_len=24)
+    a = add(s, 0, range(BS))
+    b = add(s, 1, range(100, 100 + BS))
+    out = step(s, max_out=8)  # both prefilled: one full page each, one page free
+    assert not out.preempted and len(out.scheduled) == 2
+    out = step(s, max_out=8)  # both need a second page, only one is free: the later one yields
+    assert out.preempted == [b] and s.num_preemptions == 1
+    assert [r.group for r in out.scheduled] == [a]
+    assert s.waiting[0] is b and b.seqs[0].status is SequenceStatus.WAITING
+    assert b.seqs[0].num_computed_tokens == 0 and b.seqs[0].get_output_len() == 1
+    prefills = []
+    while s.has_unfinished_seqs():
+        before = b.seqs[0].get_len()
+        out = step(s, max_out=8)
+        prefills += [(r.num_new_tokens, before) for r in out.scheduled if r.group is b and r.is_prefill]
+    # b came back with its whole token list (prompt + the output it had) as one prefill.
+    assert prefills == [(BS + 1, BS + 1)]
+    assert b.seqs[0].get_output_len() == 8 and a.seqs[0].get_output_len() == 8
+    assert s.block_manager.num_free_gpu_blocks == 3
+
+
+def test_abort_frees_pages_in_every_queue():
+    s = make_sched(num_gpu=4, num_cpu=8, max_model_len=40, preemption_mode="swap")
+    add(s, 0, range(BS))
+    add(s, 1, range(100, 100 + BS))
+    step(s, max_out=30)
+    step(s, max_out=30)
+    while not s.swapped:
+        step(s, max_out=30)
+    add(s, 2, range(5))
+    assert s.running and s.swapped and s.waiting
+    ids = [g.request_id for g in list(s.running) + list(s.swapped) + list(s.waiting)]
+    aborted = s.abort_seq_group(ids)
+    assert len(aborted) == 3
+    assert all(seq.status is SequenceStatus.FINISHED_ABORTED for g in aborted for seq in g.seqs)
+    assert not s.has_unfinished_seqs() and s.get_num_unfinished_seq_groups() == 0
+    assert s.block_manager.num_free_gpu_blocks == 4 and s.block_manager.num_free_cpu_blocks == 8
+
+
+def test_fork_copy_on_write_and_n_reserves_seq_slots():
+    s = make_sched(max_num_seqs=3)
+    g = add(s, 0, range(BS + 3), params=SimpleNamespace(n=2, best_of=None))
+    other = add(s, 1, range(4), params=SimpleNamespace(n=2, best_of=None))
+    out = s.schedule()
+    assert [r.group for r in out.scheduled] == [g]  # 2 reserved + 2 would exceed 3
+    s.on_step_done(out)
+    parent = g.seqs[0]
+    child = s.fork_seq(g, parent, 100)
+    child.status = SequenceStatus.RUNNING
+    parent.append_token(1, -0.1)
+    child.append_token(2, -0.2)
+    assert child.prompt_len == parent.prompt_len and child.output_token_ids == [2]
+    out = s.schedule()
+    rows = [r for r in out.scheduled if r.group is g]
+    assert len(rows) == 2 and len(out.blocks_to_copy) == 1
+    src, dst = out.blocks_to_copy[0]
+    tables = {r.seq.seq_id: r.block_table for r in rows}
+    assert tables[parent.seq_id][0] == tables[child.seq_id][0]
+    assert {tables[parent.seq_id][1], tables[child.seq_id][1]} == {src, dst}
+    assert other in s.waiting
+
+
+def test_prefix_cache_hits_skip_prefill_tokens():
+    s = make_sched(prefix=True)
+    prompt = list(range(3 * BS + 2))
+    add(s, 0, prompt)
+    run_to_end(s, max_out=2)
+    first = s.num_prefill_tokens_computed
+    assert first == len(prompt)
+    g = add(s, 1, prompt)
+    out = step(s, max_out=2)
+    (row,) = out.scheduled
+    assert row.num_new_tokens == 2
+    assert s.num_prefill_tokens_computed - first == 2
+    run_to_end(s, max_out=2)
+    assert g.seqs[0].get_output_len() == 2
+    assert s.block_manager.num_free_gpu_blocks == 64
