@@ -143,6 +143,26 @@ class Scheduler:
         self.running = [g for g in self.running if not g.is_finished()]
         return finished
 
+    # ---- stats ----------------------------------------------------------------------------
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(g.num_seqs(RUNNING) for g in self.running)
+
+    @property
+    def gpu_cache_usage(self) -> float:
+        """Fraction of device pages in use (free cached pages count as free)."""
+        bm = self.block_manager
+        return 1.0 - bm.num_free_gpu_blocks / bm.num_gpu_blocks
+
+    @property
+    def cpu_cache_usage(self) -> float:
+        bm = self.block_manager
+        return 1.0 - bm.num_free_cpu_blocks / bm.num_cpu_blocks if bm.num_cpu_blocks else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.block_manager.prefix_cache_hit_rate
+
     # ---- scheduling -----------------------------------------------------------------------
     def _num_running_seqs(self) -> int:
         return sum(g.max_num_running_seqs() for g in self.running)
@@ -231,6 +251,11 @@ class Scheduler:
             seqs = group.get_seqs(SWAPPED)
             need = sum(min(s.num_uncomputed_tokens, budget) if self.chunked
                        else s.num_uncomputed_tokens for s in seqs)
+            if not bm.can_swap_in(group) and not self.running:
+                # Nothing else holds device pages, so it can never come back: it outgrew the cache.
+                self.swapped.pop(0)
+                self._ignore(group, out)
+                continue
             if (self._num_running_seqs() + group.max_num_running_seqs() > self.max_num_seqs
                     or need > budget or not bm.can_swap_in(group)):
                 break

@@ -243,3 +243,16 @@ def test_prefix_cache_hits_skip_prefill_tokens():
     run_to_end(s, max_out=2)
     assert g.seqs[0].get_output_len() == 2
     assert s.block_manager.num_free_gpu_blocks == 64
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_sequence_outgrowing_the_whole_cache_is_ignored_not_stuck(mode):
+    s = make_sched(num_gpu=2, num_cpu=8, max_model_len=64, preemption_mode=mode)
+    g = add(s, 0, range(BS))
+    outs = run_to_end(s, max_out=30)
+    assert any(g in o.ignored for o in outs)
+    seq = g.seqs[0]
+    assert seq.status is SequenceStatus.FINISHED_IGNORED
+    assert BS < seq.get_len() <= 2 * BS + 1
+    assert s.block_manager.num_free_gpu_blocks == 2 and s.block_manager.num_free_cpu_blocks == 8
+    assert s.gpu_cache_usage == 0.0 and s.cpu_cache_usage == 0.0
