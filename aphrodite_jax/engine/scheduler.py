@@ -16,7 +16,7 @@ Engine loop contract:
 `out.preempted` / `out.ignored` are for reporting; ignored groups are FINISHED_IGNORED (prompt
 longer than max_model_len, larger than the token budget without chunked prefill, or than the cache).
 
-Policy: running groups in (priority, arrival) order get their decode tokens first; when pages run out
+Policy: running groups in (priority, arrival) order (lower value first) get their decode tokens first; when pages run out
 the last (lowest-priority, latest-arrived) running group is preempted: by recompute (pages freed,
 front of `waiting`, num_computed_tokens=0, later re-prefills prompt+output) or by swap (pages copied
 to host, `swapped` queue). Multi-sequence groups prefer swap; with no swap space, recompute.
