@@ -16,7 +16,9 @@ Layout and conventions (shared by every implementation):
 - sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
 
 `impl="auto"` picks the Pallas TPU kernel on TPU and the pure-JAX reference elsewhere; `impl="tpu"` forces the
-TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do).
+TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do);
+`impl="gpu"` the Pallas Triton kernel (`interpret=True` runs it on CPU). "auto" never picks "gpu" yet: it is
+untested on a real GPU.
 """
 from __future__ import annotations
 
@@ -47,4 +49,9 @@ def ragged_paged_attention(
         return tpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
                        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                        interpret=interpret)
+    if impl == "gpu":
+        from pallas_kernels.gpu import ragged_paged_attention as gpu_rpa
+        return gpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                       interpret=bool(interpret))
     raise ValueError(f"unknown attention impl {impl!r}")
