@@ -167,6 +167,9 @@ class BlockManager:
     def get_cpu_block_table(self, seq: Sequence) -> list[int]:
         return list(self._cpu_tables[seq.seq_id])
 
+    def has_gpu_blocks(self, seq: Sequence) -> bool:
+        return seq.seq_id in self._gpu_tables
+
     def has_blocks(self, seq: Sequence) -> bool:
         return seq.seq_id in self._gpu_tables or seq.seq_id in self._cpu_tables
 

@@ -11,15 +11,18 @@ Engine loop contract:
    the row's last token are sampled iff `r.do_sample`. Decode rows come first, then prefill rows.
 3. `scheduler.on_step_done(out)` (advances num_computed_tokens, feeds the prefix cache), THEN the
    engine appends the sampled tokens (`seq.append_token`) to rows with do_sample.
-4. For n>1/best_of, after the prompt's first sample: `scheduler.fork_seq(group, parent, child_id)`.
-5. A finished seq: set its status, `scheduler.free_seq(seq)`; then `free_finished_seq_groups()`.
+4. For n>1/best_of, after the prompt's first sample: `scheduler.fork_seq(group, parent, child_id)`
+   -> a RUNNING child holding the parent's computed tokens (the prompt), whether or not the
+   parent's own new token was already appended and even if the parent just finished.
+5. A finished seq: set its status, `scheduler.free_seq(seq)` (pages released at the end of the
+   step); then `free_finished_seq_groups()` once per step.
 `out.preempted` / `out.ignored` are for reporting; ignored groups are FINISHED_IGNORED (prompt
 longer than max_model_len, larger than the token budget without chunked prefill, or than the cache).
 
-Policy: running groups in (priority, arrival) order (lower value first) get their decode tokens first; when pages run out
-the last (lowest-priority, latest-arrived) running group is preempted: by recompute (pages freed,
-front of `waiting`, num_computed_tokens=0, later re-prefills prompt+output) or by swap (pages copied
-to host, `swapped` queue). Multi-sequence groups prefer swap; with no swap space, recompute.
+Policy: running groups in (priority, arrival) order (lower value first) get their decode tokens
+first; when pages run out the last (lowest-priority, latest-arrived) running group is preempted:
+by recompute (pages freed, front of `waiting`, num_computed_tokens=0, later re-prefills
+prompt+output) or by swap (pages copied to host, `swapped` queue). Multi-sequence groups prefer swap; with no swap space, recompute.
 Then (only when nobody was preempted this step) swapped groups come back, then waiting groups are
 admitted FCFS within `max_num_seqs` and the token budget. With chunked prefill the remaining
 budget is filled with prefill chunks (continuing prompts first), `do_sample` only on the last chunk.
@@ -94,6 +97,7 @@ class Scheduler:
         self.swapped: list[SequenceGroup] = []
         self.num_prefill_tokens_computed = 0
         self.num_preemptions = 0
+        self._to_free: list[Sequence] = []
 
     # ---- queues ---------------------------------------------------------------------------
     def add_seq_group(self, group: SequenceGroup) -> None:
@@ -127,15 +131,33 @@ class Scheduler:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
     def fork_seq(self, group: SequenceGroup, parent: Sequence, child_seq_id: int) -> Sequence:
-        child = parent.fork(child_seq_id)
+        """A RUNNING sibling sharing the parent's pages (n/best_of after the first sample).
+
+        The child inherits only the parent's computed tokens (at least the prompt), so forking
+        before or after the parent's newest sampled token is appended gives the same child. The
+        parent may already be finished and passed to `free_seq` in this step: pages are released
+        only by `free_finished_seq_groups()` or the next `schedule()`.
+        """
+        if not self.block_manager.has_gpu_blocks(parent):
+            raise RuntimeError(f"cannot fork sequence {parent.seq_id}: it holds no device pages")
+        keep = min(max(parent.num_computed_tokens, parent.prompt_len), parent.get_len())
+        child = parent.fork(child_seq_id, num_tokens=keep)
+        child.status = RUNNING
         self.block_manager.fork(parent, child)
         group.add(child)
         return child
 
     def free_seq(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        """Release a finished seq's pages (deferred to the end of the step, see fork_seq)."""
+        self._to_free.append(seq)
+
+    def _flush_frees(self) -> None:
+        for seq in self._to_free:
+            self.block_manager.free(seq)
+        self._to_free.clear()
 
     def free_finished_seq_groups(self) -> list[SequenceGroup]:
+        self._flush_frees()
         finished = [g for g in self.running if g.is_finished()]
         for g in finished:
             for seq in g.get_seqs():
@@ -193,6 +215,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> SchedulerOutput:
+        self._flush_frees()
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_num_batched_tokens

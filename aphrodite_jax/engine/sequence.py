@@ -9,7 +9,7 @@ Interface:
 - `Sequence(seq_id, prompt_token_ids, block_size)`: `token_ids` (prompt + output), `prompt_len`,
   `output_token_ids`, `num_computed_tokens` (tokens whose KV is in the cache), `status`,
   `append_token(token_id, logprob)`, `cumulative_logprob`, `is_finished()`, `get_len()`,
-  `num_uncomputed_tokens`, `is_prefill()`, `fork(new_seq_id)`; free slots `output_text`,
+  `num_uncomputed_tokens`, `is_prefill()`, `fork(new_seq_id, num_tokens=None)`; free slots `output_text`,
   `output_logprobs`, `finish_reason`, `stop_reason`, `detok`, `extra`.
 - `SequenceGroup(request_id, seqs, arrival_time, sampling_params, priority=0)`: `get_seqs(status)`,
   `get_unfinished_seqs()`, `num_seqs(status)`, `is_finished()`, `add(seq)`,
@@ -60,6 +60,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.status = SequenceStatus.WAITING
         self.cumulative_logprob = 0.0
+        self._token_logprobs: list[float] = []  # sampled logprob per output token (for forks)
         # Free slots filled by the engine; the scheduler never reads them.
         self.output_text = ""
         self.output_logprobs: list[Any] = []
@@ -92,17 +93,29 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: float) -> None:
         self.token_ids.append(int(token_id))
+        self._token_logprobs.append(float(logprob))
         self.cumulative_logprob += float(logprob)
 
     def is_finished(self) -> bool:
         return self.status in _FINISHED
 
-    def fork(self, new_seq_id: int) -> "Sequence":
-        """A sibling with the same tokens and cache progress (block tables are forked separately)."""
+    def fork(self, new_seq_id: int, num_tokens: Optional[int] = None) -> "Sequence":
+        """A sibling with the first `num_tokens` tokens (default all) and the same cache progress.
+
+        Block tables are forked separately. Engine-owned free slots are copied unchanged (the
+        engine re-initialises them for the child).
+        """
+        keep = len(self.token_ids) if num_tokens is None else num_tokens
+        if not self.prompt_len <= keep <= len(self.token_ids):
+            raise ValueError(f"cannot fork {keep} tokens of a sequence of {len(self.token_ids)} "
+                             f"with a {self.prompt_len}-token prompt")
         child = copy.copy(self)
         child.seq_id = new_seq_id
-        child.token_ids = list(self.token_ids)
-        child.output_logprobs = list(self.output_logprobs)
+        child.token_ids = self.token_ids[:keep]
+        child._token_logprobs = self._token_logprobs[:keep - self.prompt_len]
+        child.cumulative_logprob = float(sum(child._token_logprobs))
+        child.num_computed_tokens = min(self.num_computed_tokens, keep)
+        child.output_logprobs = list(self.output_logprobs[:keep - self.prompt_len])
         child.extra = dict(self.extra)
         child.detok = copy.copy(self.detok)
         return child

@@ -311,12 +311,19 @@ def test_random_workload_keeps_kv_consistent(seed):
             if not r.do_sample:
                 continue
             seq, g = r.seq, r.group
-            if g.sampling_params.n == 2 and len(g.seqs) == 1 and seq.get_output_len() == 0:
+            fork = g.sampling_params.n == 2 and len(g.seqs) == 1 and seq.get_output_len() == 0
+            if fork and rng.random() < 0.5:  # the engine may fork before or after the parent's append
+                seq.append_token(rng.randrange(50), -1.0)
+                fork_after = True
+            else:
+                fork_after = False
+            if fork:
                 child = s.fork_seq(g, seq, next_id)
                 next_id += 1
                 child.append_token(rng.randrange(50), -1.0)
                 limits[child.seq_id] = rng.randrange(1, 12)
-            seq.append_token(rng.randrange(50), -1.0)
+            if not fork_after:
+                seq.append_token(rng.randrange(50), -1.0)
             for x in g.get_seqs(SequenceStatus.RUNNING):
                 if x.get_output_len() >= limits.setdefault(x.seq_id, rng.randrange(1, 12)):
                     x.status = SequenceStatus.FINISHED_LENGTH
@@ -329,3 +336,34 @@ def test_random_workload_keeps_kv_consistent(seed):
     assert all(g.is_finished() for g in groups)
     assert s.block_manager.num_free_gpu_blocks == num_gpu
     assert s.block_manager.num_free_cpu_blocks == num_cpu
+
+
+@pytest.mark.parametrize("order", ["fork_first", "append_first", "parent_finished"])
+def test_fork_gives_same_child_whatever_the_engine_order(order):
+    s = make_sched()
+    g = add(s, 0, range(BS + 3), params=SimpleNamespace(n=2, best_of=None))
+    out = s.schedule()
+    s.on_step_done(out)
+    parent = g.seqs[0]
+    if order == "fork_first":
+        child = s.fork_seq(g, parent, 7)
+        parent.append_token(11, -0.5)
+    else:
+        parent.append_token(11, -0.5)
+        if order == "parent_finished":
+            parent.status = SequenceStatus.FINISHED_STOPPED
+            s.free_seq(parent)
+        child = s.fork_seq(g, parent, 7)
+    child.append_token(22, -0.25)
+    assert child.status is SequenceStatus.RUNNING
+    assert child.token_ids == list(range(BS + 3)) + [22]
+    assert child.cumulative_logprob == -0.25 and child.output_token_ids == [22]
+    assert parent.token_ids[-1] == 11
+    s.free_finished_seq_groups()
+    out = s.schedule()
+    (row,) = [r for r in out.scheduled if r.seq is child]
+    assert row.num_new_tokens == 1 and row.do_sample and not row.is_prefill
+    assert len(out.scheduled) == (1 if order == "parent_finished" else 2)
+    # The child's prompt pages survived the parent's release.
+    assert row.block_table[0] == s.block_manager.get_block_table(child)[0]
+    assert s.block_manager.gpu_ref_count(row.block_table[0]) == (1 if order == "parent_finished" else 2)
