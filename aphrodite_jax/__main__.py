@@ -18,6 +18,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)
 
     from aphrodite_jax import LLM, SamplingParams
 

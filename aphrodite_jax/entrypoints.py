@@ -53,8 +53,7 @@ class LLM:
              use_tqdm: bool = False) -> RequestOutput:
         """One chat turn rendered with the model's own chat template."""
         tok = self.get_tokenizer()
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):
-            ids = ids["input_ids"]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)  # the template already holds any BOS
         return self.generate(prompt_token_ids=[list(ids)], sampling_params=sampling_params,
                              use_tqdm=use_tqdm)[0]

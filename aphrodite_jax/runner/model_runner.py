@@ -171,7 +171,8 @@ class ModelRunner:
             self._compiled[(name,) + key] = fn
         return fn(*args)
 
-    def _device_put(self, x: np.ndarray) -> jax.Array:
+    def _device_put(self, x: Any) -> Any:
+        """Host array (or pytree of them) -> device, replicated over the mesh when there is one."""
         return jax.device_put(x, self._replicated()) if self.mesh is not None else jax.device_put(x)
 
     # ------------------------------------------------------------------ packing

@@ -1,0 +1,46 @@
+"""Tokenizer, EOS ids and generation defaults for a loaded model (transformers does the real work)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(source: Optional[str], gguf_file: Optional[str] = None) -> Any:
+    """An HF tokenizer from a folder / cached hub id, or from the metadata of a GGUF file; None for none."""
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    if gguf_file:
+        return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def generation_defaults(source: Optional[str]) -> dict:
+    """generation_config.json of an HF folder as a dict ({} when absent)."""
+    if not source or not os.path.isfile(os.path.join(source, "generation_config.json")):
+        return {}
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source).to_dict()
+    except (OSError, ValueError) as exc:  # a broken file should not stop serving
+        logger.warning("ignoring unreadable generation_config.json in %s: %s", source, exc)
+        return {}
+
+
+def eos_token_ids(hf_config: Any, tokenizer: Any, generation_config: dict) -> tuple[int, ...]:
+    """Every id that ends a sequence: the config's, generation_config's and the tokenizer's EOS."""
+    ids = _ids(getattr(hf_config, "eos_token_id", None)) + _ids(generation_config.get("eos_token_id"))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(dict.fromkeys(ids))
