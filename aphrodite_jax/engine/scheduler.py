@@ -98,6 +98,7 @@ class Scheduler:
         self.num_prefill_tokens_computed = 0
         self.num_preemptions = 0
         self._to_free: list[Sequence] = []
+        self._num_running = 0  # seq slots reserved by running groups, during schedule()
 
     # ---- queues ---------------------------------------------------------------------------
     def add_seq_group(self, group: SequenceGroup) -> None:
@@ -257,6 +258,7 @@ class Scheduler:
                 budget -= n
 
         if not out.preempted:
+            self._num_running = self._num_running_seqs()
             budget = self._schedule_swapped(out, budget, decode_rows, prefill_rows)
             if not self.swapped:
                 self._schedule_waiting(out, budget, prefill_rows)
@@ -279,9 +281,11 @@ class Scheduler:
                 self.swapped.pop(0)
                 self._ignore(group, out)
                 continue
-            if (self._num_running_seqs() + group.max_num_running_seqs() > self.max_num_seqs
+            reserve = group.max_num_running_seqs()
+            if (self._num_running + reserve > self.max_num_seqs
                     or need > budget or not bm.can_swap_in(group)):
                 break
+            self._num_running += reserve
             self.swapped.pop(0)
             out.blocks_to_swap_in.extend(bm.swap_in(group))
             for seq in seqs:
@@ -322,13 +326,15 @@ class Scheduler:
                 continue
             if status is AllocStatus.LATER:
                 break
-            if self._num_running_seqs() + group.max_num_running_seqs() > self.max_num_seqs:
+            reserve = group.max_num_running_seqs()
+            if self._num_running + reserve > self.max_num_seqs:
                 break
             if not self.chunked:
                 need = sum(n - bm.peek_num_cached_tokens(s) for s, n in zip(seqs, lens))
                 if need > budget:
                     break
             self.waiting.popleft()
+            self._num_running += reserve
             bm.allocate(group)
             for seq in seqs:
                 seq.status = RUNNING

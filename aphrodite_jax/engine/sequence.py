@@ -33,7 +33,7 @@ class SequenceStatus(enum.Enum):
 
     @staticmethod
     def is_finished(status: "SequenceStatus") -> bool:
-        return status in _FINISHED
+        return status.value > _LAST_UNFINISHED  # finished statuses are declared last
 
     @staticmethod
     def get_finished_reason(status: "SequenceStatus") -> Optional[str]:
@@ -41,8 +41,7 @@ class SequenceStatus(enum.Enum):
         return _FINISH_REASON.get(status)
 
 
-_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                       SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_IGNORED})
+_LAST_UNFINISHED = SequenceStatus.SWAPPED.value
 _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
                   SequenceStatus.FINISHED_ABORTED: "abort", SequenceStatus.FINISHED_IGNORED: "length"}
 
@@ -97,7 +96,7 @@ class Sequence:
         self.cumulative_logprob += float(logprob)
 
     def is_finished(self) -> bool:
-        return self.status in _FINISHED
+        return self.status.value > _LAST_UNFINISHED
 
     def fork(self, new_seq_id: int, num_tokens: Optional[int] = None) -> "Sequence":
         """A sibling with the first `num_tokens` tokens (default all) and the same cache progress.
@@ -147,7 +146,7 @@ class SequenceGroup:
     def get_seqs(self, status: Optional[SequenceStatus] = None) -> list[Sequence]:
         if status is None:
             return list(self.seqs)
-        return [s for s in self.seqs if s.status == status]
+        return [s for s in self.seqs if s.status is status]
 
     def get_unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished()]
@@ -155,7 +154,7 @@ class SequenceGroup:
     def num_seqs(self, status: Optional[SequenceStatus] = None) -> int:
         if status is None:
             return len(self.seqs)
-        return sum(1 for s in self.seqs if s.status == status)
+        return sum(1 for s in self.seqs if s.status is status)
 
     def add(self, seq: Sequence) -> None:
         if any(s.seq_id == seq.seq_id for s in self.seqs):
@@ -173,13 +172,14 @@ class SequenceGroup:
 
     def max_num_running_seqs(self) -> int:
         """Sequences this group may run at once: n/best_of before the fork, the live ones after."""
-        unfinished = len(self.get_unfinished_seqs())
-        if len(self.seqs) == 1 and unfinished == 1:
+        if len(self.seqs) == 1:
+            if self.seqs[0].is_finished():
+                return 0
             sp = self.sampling_params
             n = getattr(sp, "n", 1) or 1
             best_of = getattr(sp, "best_of", None) or n
             return max(1, int(n), int(best_of))
-        return unfinished
+        return len(self.get_unfinished_seqs())
 
     def __repr__(self) -> str:
         return f"SequenceGroup(request_id={self.request_id!r}, seqs={self.seqs})"
