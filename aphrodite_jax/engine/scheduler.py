@@ -17,7 +17,8 @@ Engine loop contract:
 5. A finished seq: set its status, `scheduler.free_seq(seq)` (pages released at the end of the
    step); then `free_finished_seq_groups()` once per step.
 `out.preempted` / `out.ignored` are for reporting; ignored groups are FINISHED_IGNORED (prompt
-longer than max_model_len, larger than the token budget without chunked prefill, or than the cache).
+longer than max_model_len, larger than the token budget without chunked prefill, or than the cache,
+or n/best_of above max_num_seqs).
 
 Policy: running groups in (priority, arrival) order (lower value first) get their decode tokens
 first; when pages run out the last (lowest-priority, latest-arrived) running group is preempted:
@@ -318,7 +319,8 @@ class Scheduler:
                 continue
             lens = [s.get_len() for s in seqs]
             too_long = max(lens) > self.max_model_len or (
-                not self.chunked and max(lens) > self.max_num_batched_tokens)
+                not self.chunked and max(lens) > self.max_num_batched_tokens) or (
+                group.max_num_running_seqs() > self.max_num_seqs)  # n/best_of can never fit
             status = AllocStatus.NEVER if too_long else bm.can_allocate(group)
             if status is AllocStatus.NEVER:
                 self.waiting.popleft()

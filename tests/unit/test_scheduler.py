@@ -367,3 +367,11 @@ def test_fork_gives_same_child_whatever_the_engine_order(order):
     # The child's prompt pages survived the parent's release.
     assert row.block_table[0] == s.block_manager.get_block_table(child)[0]
     assert s.block_manager.gpu_ref_count(row.block_table[0]) == (1 if order == "parent_finished" else 2)
+
+
+def test_group_needing_more_seqs_than_max_num_seqs_is_ignored_not_stuck():
+    s = make_sched(max_num_seqs=2)
+    g = add(s, 0, range(4), params=SimpleNamespace(n=3, best_of=None))
+    ok = add(s, 1, range(4))
+    out = s.schedule()
+    assert out.ignored == [g] and [r.group for r in out.scheduled] == [ok]
