@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 from aphrodite_jax.engine.block_manager import AllocStatus, BlockManager
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
