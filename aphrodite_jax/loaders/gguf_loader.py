@@ -290,8 +290,25 @@ class GGUFModel:
         """The HF `PretrainedConfig`, built by transformers from the GGUF metadata."""
         if self._hf_config is None:
             from transformers import AutoConfig
-            self._hf_config = AutoConfig.from_pretrained(self.folder, gguf_file=self.filename)
+            cfg = AutoConfig.from_pretrained(self.folder, gguf_file=self.filename)
+            # transformers maps no head_dim for qwen2/qwen3 GGUFs (Qwen3Config then defaults to
+            # 128): take it from attention.key_length, else from the Q projection's rows.
+            hd = self._head_dim()
+            if hd is not None and getattr(cfg, "head_dim", None) not in (None, hd):
+                cfg.head_dim = hd
+            self._hf_config = cfg
         return self._hf_config
+
+    def _head_dim(self) -> Optional[int]:
+        arch = self.metadata("general.architecture")
+        kl = self.metadata(f"{arch}.attention.key_length")
+        if kl is not None:
+            return int(kl)
+        n_head = self.metadata(f"{arch}.attention.head_count")
+        for t in self.reader.tensors:
+            if t.name == "blk.0.attn_q.weight" and n_head:
+                return int(t.shape[-1]) // int(n_head)     # ggml ne1 = rows = n_head * head_dim
+        return None
 
     def tokenizer(self, **kwargs):
         """The HF fast tokenizer, built by transformers from the GGUF vocabulary and merges."""

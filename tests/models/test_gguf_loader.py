@@ -74,7 +74,7 @@ def _write_tiny_gguf(path, arch, weights, n_head, n_kv, hidden, inter, layers, v
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_written_gguf_round_trips(tmp_path, arch):
     """Weights written in llama.cpp's layout come back in HF layout, un-permuted where needed."""
     rng = np.random.default_rng(1)
@@ -91,6 +91,8 @@ def test_tiny_written_gguf_round_trips(tmp_path, arch):
         if arch == "qwen2":
             shapes.update({"attn_q.bias": (n_head * hd,), "attn_k.bias": (n_kv * hd,),
                            "attn_v.bias": (n_kv * hd,)})
+        if arch == "qwen3":
+            shapes.update({"attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,)})
         for k, s in shapes.items():
             ws[f"blk.{i}.{k}"] = rng.standard_normal(s).astype(np.float32)
     path = tmp_path / f"tiny-{arch}.gguf"
@@ -107,7 +109,19 @@ def test_tiny_written_gguf_round_trips(tmp_path, arch):
             assert np.array_equal(out, ref)
         else:
             assert np.array_equal(out, arr), name
-    assert GGUFModel(path).architecture == arch
+    import ml_dtypes
+    half = dict(iter_gguf_weights(path, dtype=ml_dtypes.bfloat16))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert half[name].dtype == ml_dtypes.bfloat16
+    assert np.array_equal(half[name], got[name].astype(ml_dtypes.bfloat16))
+    g = GGUFModel(path)
+    assert g.architecture == arch
+    cfg = g.hf_config()
+    assert cfg.model_type == arch
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.vocab_size) == (layers, hidden, n_head, n_kv, vocab)
+    assert getattr(cfg, "head_dim", hd) == hd
+    assert cfg.tie_word_embeddings is False            # output.weight is in the file
 
 
 @pytest.fixture(scope="module")
