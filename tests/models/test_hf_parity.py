@@ -113,6 +113,7 @@ def test_ragged_batch_equals_each_alone(tmp_path):
     """Two sequences of different lengths in one ragged batch give the logits each gives alone."""
     loaded = _load_ours(_build("Llama"), tmp_path)
     model = loaded.model
+    fwd = make_forward(model)
     prompts = {0: _prompt(3, 20), 1: _prompt(4, 13)}
     nxt = {0: [7], 1: [42]}
 
@@ -122,8 +123,8 @@ def test_ragged_batch_equals_each_alone(tmp_path):
         out = {}
         for chunk in (prompts, nxt):
             ids, md = pool.step({s: chunk[s] for s in which})
-            hidden, caches = model(ids, caches, md)
-            logits = np.asarray(model.compute_logits(hidden))
+            hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
+            logits = np.asarray(fwd.logits(fwd.state_leaves, hidden))
             start = 0
             for s in which:
                 out.setdefault(s, []).append(logits[start:start + len(chunk[s])])
