@@ -63,6 +63,11 @@ def register_sampler(name: str, *, fields: dict[str, tuple[Any, Any]], active: C
     return deco
 
 
+def unregister_sampler(name: str) -> None:
+    """Removes a step (tests and experiments)."""
+    _REGISTRY.pop(name, None)
+
+
 def registered_steps() -> list[SamplerStep]:
     """The registered steps in application order."""
     known = [_REGISTRY[n] for n in DEFAULT_ORDER if n in _REGISTRY]

@@ -253,3 +253,34 @@ def test_prompt_logprobs_vs_numpy():
         np.testing.assert_allclose(float(out.logprobs[i]), want[nxt[i]], rtol=1e-5, atol=1e-5)
         assert int(out.ranks[i]) == 1 + int(np.sum(want > want[nxt[i]]))
         np.testing.assert_array_equal(np.asarray(out.topk_ids[i]), np.argsort(-want)[:3])
+
+
+def test_top_k_ties_survive():
+    logits = np.full((B, V), -5.0, np.float32)
+    logits[:, :3] = 2.0
+    rows = [(SP(top_k=2), 0, 0), (SP(top_k=2, top_p=0.1), 0, 0)]
+    got = np.asarray(_process(jnp.asarray(logits), jax.device_put(_md(rows))))
+    assert np.isfinite(got[0]).sum() == 3 and np.isfinite(got[1]).sum() == 3
+
+
+def test_registry_adds_a_step_only_for_active_rows():
+    from aphrodite_jax.sampling.registry import register_sampler, registered_steps, unregister_sampler
+
+    @register_sampler("test_shift", fields={"test_shift": (0.0, np.float32)},
+                      active=lambda p: p["test_shift"] != 0.0,
+                      host=lambda sp: {"test_shift": 3.0 if sp.seed == 42 else 0.0})
+    def _shift(logits, p, md):  # adds a per-row constant to token 0
+        return logits.at[:, 0].add(p["test_shift"])
+
+    try:
+        assert registered_steps()[-1].name == "test_shift"
+        logits = _logits(15)
+        rows = [(SP(seed=42), 42, 0), (SP(seed=1), 1, 0)]
+        md = _md(rows)
+        np.testing.assert_array_equal(md.params["test_shift"][:2], [3.0, 0.0])
+        got = np.asarray(jax.jit(process_logits)(jnp.asarray(logits), jax.device_put(md)))
+        np.testing.assert_allclose(got[0, 0], logits[0, 0] + 3.0, rtol=1e-6)
+        np.testing.assert_array_equal(got[1:], logits[1:])
+    finally:
+        unregister_sampler("test_shift")
+    assert "test_shift" not in [s.name for s in registered_steps()]
