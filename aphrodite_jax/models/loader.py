@@ -60,23 +60,27 @@ def _progress(it: Iterable, total: Optional[int], desc: str):
 
 
 def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights drawn directly on device in their final sharding (norm weights = 1, biases = 0)."""
+    """Random weights drawn directly on device in their final sharding (norm weights = 1, biases = 0).
+    One compiled initialiser per distinct (kind, shape, dtype, sharding), so big configs compile a handful."""
     key = jax.random.PRNGKey(seed)
     params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    inits: dict[tuple, Callable] = {}
     for i, (path, param) in enumerate(_progress(params, len(params), "dummy weights")):
         cur = param.get_value()
-        shape, dtype = tuple(cur.shape), cur.dtype
+        shape, dtype = tuple(cur.shape), jnp.dtype(cur.dtype)
         sharding = named_sharding(model.mesh, param.get_metadata()["logical_axes"]) if model.mesh is not None \
             else None
-        leaf = str(path[-1])
-        norm = "norm" in ".".join(map(str, path))
-        if leaf == "bias":
-            fn = lambda k: jnp.zeros(shape, dtype)  # noqa: E731
-        elif norm:
-            fn = lambda k: jnp.ones(shape, dtype)  # noqa: E731
-        else:
-            fn = lambda k: (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)  # noqa: E731
-        param.set_value(jax.jit(fn, out_shardings=sharding)(jax.random.fold_in(key, i)))
+        kind = "zeros" if str(path[-1]) == "bias" else "ones" if "norm" in ".".join(map(str, path)) else "normal"
+        sig = (kind, shape, dtype, sharding)
+        if sig not in inits:
+            def fn(k, kind=kind, shape=shape, dtype=dtype):
+                if kind == "zeros":
+                    return jnp.zeros(shape, dtype)
+                if kind == "ones":
+                    return jnp.ones(shape, dtype)
+                return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+            inits[sig] = jax.jit(fn, out_shardings=sharding)
+        param.set_value(inits[sig](jax.random.fold_in(key, i)))
 
 
 def _dummy_hf_config(model_config):
