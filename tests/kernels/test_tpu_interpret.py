@@ -77,3 +77,17 @@ def test_cache_write_and_padding_through_dispatcher():
     n_real = int(b.cu_q_lens[int(b.num_seqs[0])])
     assert np.all(out[n_real:] == 0)
     np.testing.assert_allclose(out, dense_attention(b, sm_scale=SCALE), atol=1e-5, rtol=1e-5)
+
+
+def test_no_races_with_two_cores():
+    """The race detector of interpret mode, with the parallel KV-head axis split over two simulated cores."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # private: races_found flag
+
+    rng = np.random.default_rng(21)
+    b = make_batch(rng, seqs=[(9, 9), (1, 14), (4, 20)], page_size=8, num_kv_heads=2, group=3,
+                   head_dim=HEAD_DIM)
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    out, cache = tpu_rpa(*b.args(), sm_scale=SCALE, interpret=params)
+    np.testing.assert_allclose(np.asarray(out), dense_attention(b, sm_scale=SCALE), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache), expected_cache(b))
+    assert ipc.races is not None and not ipc.races.races_found
