@@ -12,10 +12,12 @@ def load_tokenizer(source: Optional[str], gguf_file: Optional[str] = None) -> An
     """An HF tokenizer from a folder / cached hub id, or from the metadata of a GGUF file; None for none."""
     if source is None:
         return None
+    if gguf_file:
+        from aphrodite_jax.loaders.gguf_loader import GGUFModel
+
+        return GGUFModel(os.path.join(source, gguf_file)).tokenizer()
     from transformers import AutoTokenizer
 
-    if gguf_file:
-        return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     return AutoTokenizer.from_pretrained(source)
 
 

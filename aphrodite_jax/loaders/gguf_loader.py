@@ -10,6 +10,7 @@ viewed as an array of blocks with named fields and no copying.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from typing import Any, Iterator, Optional
@@ -237,6 +238,19 @@ def _field_value(field: Any) -> Any:
     return field.contents()
 
 
+_PARSED: dict[tuple, Any] = {}
+
+
+def _parsed_once(path: str, what: Any, build: Any) -> Any:
+    """transformers re-reads the whole GGUF for a config or tokenizer (seconds each); keep one parse per
+    file version per process and hand out copies, so a second engine on the same file starts fast."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, what)
+    if key not in _PARSED:
+        _PARSED[key] = build()
+    return copy.deepcopy(_PARSED[key])
+
+
 class GGUFModel:
     """One GGUF file: its metadata as an HF config, tokenizer and chat template, and its weights.
 
@@ -290,7 +304,8 @@ class GGUFModel:
         """The HF `PretrainedConfig`, built by transformers from the GGUF metadata."""
         if self._hf_config is None:
             from transformers import AutoConfig
-            cfg = AutoConfig.from_pretrained(self.folder, gguf_file=self.filename)
+            cfg = _parsed_once(self.path, "config",
+                               lambda: AutoConfig.from_pretrained(self.folder, gguf_file=self.filename))
             # transformers maps no head_dim for qwen2/qwen3 GGUFs (Qwen3Config then defaults to
             # 128): take it from attention.key_length, else from the Q projection's rows.
             hd = self._head_dim()
@@ -313,7 +328,8 @@ class GGUFModel:
     def tokenizer(self, **kwargs):
         """The HF fast tokenizer, built by transformers from the GGUF vocabulary and merges."""
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.filename, **kwargs)
+        tok = _parsed_once(self.path, ("tokenizer", tuple(sorted(kwargs.items()))),
+                           lambda: AutoTokenizer.from_pretrained(self.folder, gguf_file=self.filename, **kwargs))
         if getattr(tok, "chat_template", None) is None and self.chat_template:
             tok.chat_template = self.chat_template
         return tok

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -85,6 +87,9 @@ class ModelRunner:
         self.seq_bucket = self.sample_buckets[-1]  # attention rows: always the max (cheap metadata)
         self.shapes = step_shapes(self.token_buckets, self.sample_buckets)
 
+        # The model knows whether attention (hence the cache) is split over KV heads or replicated.
+        self._kv_sharding = (model.kv_cache_sharding() if hasattr(model, "kv_cache_sharding") else
+                             None if mesh is None else NamedSharding(mesh, P(None, None, "model", None)))
         graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)
         self._graphdef = graphdef
@@ -118,9 +123,7 @@ class ModelRunner:
         return num, cpu
 
     def _cache_sharding(self):
-        if self.mesh is None:
-            return None
-        return NamedSharding(self.mesh, P(None, None, "model", None))
+        return self._kv_sharding
 
     def _allocate_caches(self) -> list[jax.Array]:
         s = self.kv_spec
@@ -297,7 +300,15 @@ class ModelRunner:
         jobs += [("copy", (), (self.kv_caches, sds((COPY_CHUNK,)), sds((COPY_CHUNK,))), {}),
                  ("gather", (), (self.kv_caches, sds((COPY_CHUNK,))), {}),
                  ("scatter", (), (self.kv_caches, sds((COPY_CHUNK,)), data), {})]
-        for name, key, args, static in tqdm(jobs, desc="Compiling", disable=not progress):
-            if (name,) + key not in self._compiled:
-                self._compiled[(name,) + key] = self._jits[name].lower(*args, **static).compile()
+        jobs = [j for j in jobs if (j[0],) + j[1] not in self._compiled]
+        # Tracing needs the GIL, XLA's compile mostly does not: lower in order, compile on a pool.
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool, \
+                tqdm(total=len(jobs), desc="Compiling", disable=not progress) as bar:
+            futures = {}
+            for name, key, args, static in jobs:
+                lowered = self._jits[name].lower(*args, **static)
+                futures[pool.submit(lowered.compile)] = (name,) + key
+            for fut in as_completed(futures):
+                self._compiled[futures[fut]] = fut.result()
+                bar.update(1)
         self._warm = True
