@@ -21,6 +21,7 @@ from aphrodite_jax.engine.request_state import RequestState
 from aphrodite_jax.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from aphrodite_jax.outputs import RequestOutput
+from aphrodite_jax.runner.compile_guard import forbid_compiles
 from aphrodite_jax.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the spine
     def step(self) -> list[RequestOutput]:
+        if self.config.forbid_compile_after_warmup:
+            with forbid_compiles():
+                return self._step()
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         out: SchedulerOutput = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         for group in out.ignored:

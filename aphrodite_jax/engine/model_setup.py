@@ -86,12 +86,14 @@ class DeviceSampler:
                                           sharding=self.runner._replicated())
             for greedy in (True, False):
                 for k in (0, self.max_logprobs):
-                    params = SamplingParams(temperature=0.0 if greedy else 1.0, logprobs=k or None)
-                    md = make_sampling_metadata([SamplingRow(params, 0, 0)], b, self.vocab_size,
-                                                eos_token_ids=self.eos_token_ids)
-                    md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                     sharding=self.runner._replicated()), md)
-                    self._fn(logits, md, greedy, k)
+                    for min_tokens in (0, 1):  # 1: the sparse-bias width that bans/min_tokens use
+                        params = SamplingParams(temperature=0.0 if greedy else 1.0, logprobs=k or None,
+                                                min_tokens=min_tokens, max_tokens=max(min_tokens, 1))
+                        md = make_sampling_metadata([SamplingRow(params, 0, 0)], b, self.vocab_size,
+                                                    eos_token_ids=self.eos_token_ids or (0,))
+                        md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                            x.shape, x.dtype, sharding=self.runner._replicated()), md)
+                        self._fn(logits, md, greedy, k)
         self._warm = True
 
 
