@@ -151,8 +151,18 @@ def ref_ragged_paged_attention(
     chunk = q_chunk if num_tokens % q_chunk == 0 else num_tokens
     m_a, l_a, acc_a = _in_step_attention(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
                                          chunk)
-    m_b, l_b, acc_b = _cached_context_attention(qf, kv_cache, page_indices, seq, pos, prev_len, valid,
-                                                sliding_window, soft_cap, pages_per_block)
+    # Earlier context, in two row groups, so a fresh prefill never loops over a long decode context:
+    # the first min(T, S) rows (where the runner puts decode rows), then the rest; each group loops
+    # only as far as its own longest earlier context (zero iterations for fresh prefills).
+    split = min(num_tokens, kv_lens.shape[0])
+    parts = []
+    for lo, hi in ((0, split), (split, num_tokens)):
+        if hi == lo:
+            continue
+        parts.append(_cached_context_attention(
+            qf[lo:hi], kv_cache, page_indices, seq[lo:hi], pos[lo:hi], prev_len[lo:hi], valid[lo:hi],
+            sliding_window, soft_cap, pages_per_block))
+    m_b, l_b, acc_b = (jnp.concatenate(x) for x in zip(*parts))
     m = jnp.maximum(m_a, m_b)
     ca, cb = jnp.exp(m_a - m), jnp.exp(m_b - m)
     l = l_a * ca + l_b * cb
