@@ -1,0 +1,1 @@
+"""HTTP servers over AsyncLLMEngine: the OpenAI-compatible API (and, later, the Kobold API)."""

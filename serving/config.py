@@ -1,0 +1,36 @@
+"""ServingConfig: the HTTP side's settings, a self-validating dataclass filled from CLI flags or YAML.
+
+The engine's settings live in `aphrodite_jax.config.EngineConfig`; this holds only what the FastAPI
+layer needs. Environment variables are read only for the conventional API keys (see serving/cli.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ServingConfig:
+    host: Optional[str] = None
+    port: int = 2242
+    uvicorn_log_level: str = "info"
+    served_model_name: list[str] = field(default_factory=list)  # first one is reported; empty -> model path
+    chat_template: Optional[str] = None  # a file path or an inline Jinja template
+    response_role: str = "assistant"
+    max_log_len: int = 0  # 0: log whole prompts (Aphrodite's default); N: at most N chars/ids
+    disable_log_requests: bool = False
+    disable_log_stats: bool = False
+    return_tokens_as_token_ids: bool = False
+    api_keys: list[str] = field(default_factory=list)
+    admin_key: Optional[str] = None
+    max_request_body_bytes: int = 8 * 2**20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0, got {self.max_log_len}")
+        if self.uvicorn_log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError(f"unknown uvicorn log level {self.uvicorn_log_level!r}")
+        if not self.response_role:
+            raise ValueError("response_role must not be empty")
