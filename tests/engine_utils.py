@@ -29,10 +29,14 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 
 def mixed_greedy_workload(n: int = 32, seed: int = 0, max_prompt: int = 1500, max_out: int = 200):
     """n greedy requests with prompts of 1..max_prompt tokens and max_tokens of 1..max_out (both ends
-    always present, the rest log-uniform), EOS ignored so every request runs its full length."""
+    always present, the rest log-uniform), EOS ignored so every request runs its full length.
+    Longer prompts get shorter outputs, which keeps the suite's decode steps cheap on a CPU."""
     rng = random.Random(seed)
-    lens = [1, max_prompt] + [log_uniform(rng, 1, max_prompt) for _ in range(n - 2)]
-    outs = [max_out, 1] + [log_uniform(rng, 1, max_out) for _ in range(n - 2)]
+    lens = sorted([1, max_prompt] + [log_uniform(rng, 1, max_prompt) for _ in range(n - 2)])
+    outs = sorted([max_out, 1] + [log_uniform(rng, 1, max_out) for _ in range(n - 2)], reverse=True)
+    order = list(range(n))
+    rng.shuffle(order)  # submission order is not sorted by length
+    lens, outs = [lens[i] for i in order], [outs[i] for i in order]
     prompts = [random_prompt(rng, k) for k in lens]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
     return prompts, params

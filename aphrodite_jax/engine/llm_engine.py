@@ -50,6 +50,7 @@ class LLMEngine:
         self.hf_config = stack.hf_config
         self.max_model_len = stack.max_model_len
         self.eos_token_ids = stack.eos_token_ids
+        self.generation_config = stack.generation_config  # generation_config.json defaults ({} if none)
         self.sampler = stack.sampler
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,
                                    self.runner.num_cpu_blocks, self.max_model_len)
@@ -73,6 +74,12 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         params = sampling_params
+        params.verify_max_logprobs(self.config.max_logprobs)
+        params.verify_vocab(self.runner.vocab_size)
+        width = max(params.n, params.best_of or params.n)
+        if width > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"n/best_of ({width}) cannot exceed max_num_seqs "
+                             f"({self.config.scheduler.max_num_seqs})")
         if params.truncate_prompt_tokens:
             prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
         if len(prompt_token_ids) >= self.max_model_len:
@@ -140,21 +147,38 @@ class LLMEngine:
 
     def _execute(self, out: SchedulerOutput) -> list[tuple[int, Sequence, int, Any]]:
         """Run the model and sampler. Returns (scheduled row, seq, fork index, sample) per drawn token."""
-        rows, sample_rows, draws = [], [], []
+        rows, sample_rows, draws, plp = [], [], [], []
+        offset = 0
         for i, s in enumerate(out.scheduled):
             start = s.seq.num_computed_tokens
             rows.append((s.seq.token_ids[start:start + s.num_new_tokens], start, s.block_table))
+            state = self.requests[s.group.request_id]
+            if state.prompt_logprobs is not None and start < s.seq.prompt_len - 1:
+                # Row pos predicts prompt token pos + 1; the last prompt token predicts the output.
+                end = min(start + s.num_new_tokens, s.seq.prompt_len - 1)
+                plp.append((state, start, end, offset))
+            offset += s.num_new_tokens
             if s.do_sample:
-                state = self.requests[s.group.request_id]
                 for fork in range(state.num_draws(s.seq)):
                     sample_rows.append(i)
                     draws.append((i, s.seq, fork, state))
-        if not sample_rows:
-            self.runner.run_model(rows, sample_rows)
-            return []
-        logits = self.runner.run_model(rows, sample_rows)
         specs = [state.sample_spec(seq, fork) for _, seq, fork, state in draws]
-        result = self.sampler(logits, specs)
+        md = None
+        if specs:
+            bucket = self.runner.buckets_for(sum(len(r[0]) for r in rows), len(specs))[1]
+            md = self.sampler.metadata(specs, bucket)
+        logits, md = self.runner.run_model(rows, sample_rows, md)
+        if plp:
+            idx = [off + p - start for state, start, end, off in plp for p in range(start, end)]
+            nxt = [state.prompt_token_ids[p + 1] for state, start, end, _ in plp for p in range(start, end)]
+            arrays = self.runner.prompt_logprobs(idx, nxt)
+            k = 0
+            for state, start, end, _ in plp:
+                state.set_prompt_logprobs(start, [tuple(a[k + j] for a in arrays) for j in range(end - start)])
+                k += end - start
+        if not sample_rows:
+            return []
+        result = self.sampler(logits, md, specs)
         return [(i, seq, fork, result.row(k)) for k, (i, seq, fork, _) in enumerate(draws)]
 
     def _process(self, out: SchedulerOutput, samples) -> list[RequestOutput]:

@@ -71,9 +71,12 @@ class DeviceSampler:
             self._compiled[key] = fn
         return fn
 
-    def __call__(self, logits: jax.Array, rows: Sequence[SamplingRow]) -> SampleResult:
-        md = make_sampling_metadata(rows, logits.shape[0], self.vocab_size, eos_token_ids=self.eos_token_ids)
-        md = self.runner._device_put(md)
+    def metadata(self, rows: Sequence[SamplingRow], batch_bucket: int):
+        """Host arrays for one step's draws, padded to the sample bucket."""
+        return make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids)
+
+    def __call__(self, logits: jax.Array, md: Any, rows: Sequence[SamplingRow]) -> SampleResult:
+        """Draw one token per row; `md` is this step's metadata, already on the device."""
         all_greedy = all(r.params.temperature < 1e-5 for r in rows)
         k = self.max_logprobs if any(r.params.logprobs for r in rows) else 0
         return SampleResult(self._fn(logits, md, all_greedy, k)(logits, md))

@@ -40,6 +40,9 @@ class RequestState:
         self.stop_checker = StopChecker(max_model_len, eos_token_ids)
         self.best_of = params.best_of or params.n
         self.seqs: dict[int, SeqState] = {}
+        # One entry per prompt token (None for the first, which nothing predicts).
+        self.prompt_logprobs: Optional[list] = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
 
     # ------------------------------------------------------------------ sequences
     def init_seq(self, seq: Sequence, index: int, parent: Optional[Sequence] = None) -> None:
@@ -94,6 +97,16 @@ class RequestState:
             entry.setdefault(int(tid), Logprob(float(lp), r, self._text(int(tid))))
         return entry
 
+    def set_prompt_logprobs(self, start: int, values: list[tuple]) -> None:
+        """values[j] = (logprob, rank, topk ids, topk logprobs) of prompt token start + j + 1."""
+        k = self.params.prompt_logprobs or 0
+        for j, (lp, rank, top_ids, top_lps) in enumerate(values):
+            tid = self.prompt_token_ids[start + j + 1]
+            entry = {tid: Logprob(float(lp), int(rank), self._text(tid))}
+            for r, (t, l) in enumerate(zip(top_ids[:k], top_lps[:k]), start=1):
+                entry.setdefault(int(t), Logprob(float(l), r, self._text(int(t))))
+            self.prompt_logprobs[start + j + 1] = entry
+
     def _text(self, token_id: int) -> Optional[str]:
         return token_text(self.tokenizer, token_id) if self.tokenizer is not None else None
 
@@ -116,7 +129,8 @@ class RequestState:
                 o.index = i
             outs.sort(key=lambda o: o.index)
         return RequestOutput(request_id=self.group.request_id, prompt=self.prompt,
-                             prompt_token_ids=self.prompt_token_ids, outputs=outs, finished=finished)
+                             prompt_token_ids=self.prompt_token_ids, outputs=outs, finished=finished,
+                             prompt_logprobs=self.prompt_logprobs)
 
     def finish_ignored(self) -> RequestOutput:
         for seq in self.group.get_seqs():

@@ -150,12 +150,20 @@ class ModelRunner:
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
             return model.compute_logits(hidden[idx])
 
+        max_lp = self.config.max_logprobs
+
+        def prompt_lp(leaves, hidden, idx, next_ids):  # -> lp [T], rank [T], topk ids/lps [T, K]
+            from aphrodite_jax.sampling.sampler import prompt_logprobs
+
+            return tuple(prompt_logprobs(logits(leaves, hidden, idx), next_ids, num_logprobs=max_lp))
+
         fwd_out = None if cache_sharding is None else (self._replicated(), [cache_sharding] * n_layers)
         cache_out = None if cache_sharding is None else [cache_sharding] * n_layers
         self._jits = {
             "forward": jax.jit(forward, static_argnames=("num_tokens",), donate_argnums=(1,),
                                out_shardings=fwd_out),
             "logits": jax.jit(logits, out_shardings=self._replicated()),
+            "prompt_lp": jax.jit(prompt_lp),
             "copy": jax.jit(lambda c, src, dst: [x.at[dst].set(x[src], mode="drop") for x in c],
                             donate_argnums=(0,), out_shardings=cache_out),
             "gather": jax.jit(lambda c, idx: jnp.stack([x[idx] for x in c])),
@@ -226,20 +234,41 @@ class ModelRunner:
         b = pick_bucket(self.sample_buckets, max(num_samples, 1))
         return pick_bucket(self.token_buckets, max(num_tokens, b)), b
 
-    def run_model(self, rows: Sequence[tuple[list[int], int, list[int]]], sample_rows: Sequence[int]):
-        """Run the model on a ragged batch. Returns device logits f32[B_bucket, V] for `sample_rows`
-        (indices into `rows`: the logits of each such row's last token), or None when there are none."""
+    def run_model(self, rows: Sequence[tuple[list[int], int, list[int]]], sample_rows: Sequence[int],
+                  extra: Any = None):
+        """Run the model on a ragged batch.
+
+        rows: (new token ids, start position, page table) per sequence; sample_rows: indices into
+        `rows` whose last token's logits are wanted; extra: a host pytree (the sampler's metadata) that
+        rides along in the step's one `device_put`. Returns (logits f32[B_bucket, V] or None,
+        extra on device).
+        """
         num_tokens = sum(len(r[0]) for r in rows)
         t, b = self.buckets_for(num_tokens, len(sample_rows))
-        packed = self._device_put(self._pack(t, rows))
+        idx = np.zeros(b, np.int32)
+        if sample_rows:
+            ends = np.cumsum([len(r[0]) for r in rows]) - 1
+            idx[:len(sample_rows)] = ends[np.asarray(sample_rows)]
+        packed, idx, extra = self._device_put((self._pack(t, rows), idx, extra))  # one transfer
         hidden, self.kv_caches = self._call("forward", (t,), self._leaves, self.kv_caches, packed,
                                             num_tokens=t)
+        self._last_hidden, self._last_t = hidden, t  # for prompt logprobs of this step
         if not sample_rows:
-            return None
-        ends = np.cumsum([len(r[0]) for r in rows]) - 1
-        idx = np.zeros(b, np.int32)
-        idx[:len(sample_rows)] = ends[np.asarray(sample_rows)]
-        return self._call("logits", (t, b), self._leaves, hidden, self._device_put(idx))
+            return None, extra
+        return self._call("logits", (t, b), self._leaves, hidden, idx), extra
+
+    def prompt_logprobs(self, token_idx: Sequence[int], next_ids: Sequence[int]):
+        """Logprob, rank and top-`max_logprobs` of the given next token at rows `token_idx` of the last
+        step's tokens (all padded to the step's token bucket). Returns host arrays."""
+        t = self._last_t
+        idx = np.zeros(t, np.int32)
+        nxt = np.zeros(t, np.int32)
+        idx[:len(token_idx)] = token_idx
+        nxt[:len(next_ids)] = next_ids
+        out = self._call("prompt_lp", (t,), self._leaves, self._last_hidden, self._device_put(idx),
+                         self._device_put(nxt))
+        n = len(token_idx)
+        return tuple(np.asarray(x)[:n] for x in out)
 
     def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: copy page src -> dst for each pair, in chunks of COPY_CHUNK."""
@@ -295,6 +324,9 @@ class ModelRunner:
         for t, b in self.shapes:
             jobs.append(("logits", (t, b), (self._leaves, sds((t, hidden_size), self.kv_spec.dtype),
                                             sds((b,))), {}))
+        for t in self.token_buckets:
+            jobs.append(("prompt_lp", (t,), (self._leaves, sds((t, hidden_size), self.kv_spec.dtype),
+                                             sds((t,)), sds((t,))), {}))
         s = self.kv_spec
         data = sds((s.num_layers, COPY_CHUNK, self.block_size, 2 * s.num_kv_heads, s.head_dim), s.dtype)
         jobs += [("copy", (), (self.kv_caches, sds((COPY_CHUNK,)), sds((COPY_CHUNK,))), {}),

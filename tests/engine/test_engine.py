@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return make_llm()
+def llm(default_llm):
+    return default_llm
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,13 @@ def test_batch_invariance(llm, workload, solo, chunked, prefix):
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_gives_same_tokens(llm, mode):
     rng = random.Random(7)
-    prompts = [random_prompt(rng, rng.randint(200, 400)) for _ in range(16)]
-    params = [SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True) for _ in prompts]
+    prompts = [random_prompt(rng, rng.randint(100, 200)) for _ in range(16)]
+    params = [SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True) for _ in prompts]
     want = generate_tokens(llm, prompts, params)
-    # 16 requests need about 16 * 30 pages at the end; 160 pages force preemption.
-    capped = make_llm(num_gpu_blocks_override=160, preemption_mode=mode, max_num_seqs=16,
-                      enable_chunked_prefill=True)
+    # 16 requests need about 16 * 14 pages at the end; 144 pages (the floor: one full-length
+    # sequence) force preemption.
+    capped = make_llm(num_gpu_blocks_override=144, preemption_mode=mode, max_num_seqs=16,
+                      max_model_len=2048, max_num_batched_tokens=512, enable_chunked_prefill=True)
     got = generate_tokens(capped, prompts, params)
     assert capped.engine.scheduler.num_preemptions > 0
     _check_same(got, want)
@@ -71,20 +72,20 @@ def test_no_compiles_after_warmup(llm):
     rng = random.Random(3)
     prompts, params = [], []
     for i in range(200):
-        prompts.append(random_prompt(rng, rng.choice([1, 3, 17, 64, 200, 700])))
+        prompts.append(random_prompt(rng, rng.choice([1, 3, 17, 40, 90])))
         kind = i % 6
         if kind == 0:
-            sp = SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 12))
+            sp = SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 8))
         elif kind == 1:
-            sp = SamplingParams(temperature=0.9, top_p=0.8, top_k=40, seed=i, max_tokens=rng.randint(1, 12))
+            sp = SamplingParams(temperature=0.9, top_p=0.8, top_k=40, seed=i, max_tokens=rng.randint(1, 8))
         elif kind == 2:
-            sp = SamplingParams(temperature=0.7, min_p=0.1, logprobs=rng.randint(0, 5), max_tokens=8)
+            sp = SamplingParams(temperature=0.7, min_p=0.1, logprobs=rng.randint(0, 5), max_tokens=6)
         elif kind == 3:
-            sp = SamplingParams(temperature=1.0, n=2, best_of=3, max_tokens=6, seed=i)
+            sp = SamplingParams(temperature=1.0, n=2, best_of=3, max_tokens=4, seed=i)
         elif kind == 4:
-            sp = SamplingParams(temperature=0.0, min_tokens=4, max_tokens=10, stop=["\n", "."])
+            sp = SamplingParams(temperature=0.0, min_tokens=4, max_tokens=8, stop=["\n", "."])
         else:
-            sp = SamplingParams(temperature=0.5, max_tokens=10, stop_token_ids=[13, 28], ignore_eos=True)
+            sp = SamplingParams(temperature=0.5, max_tokens=8, stop_token_ids=[13, 28], ignore_eos=True)
         params.append(sp)
     before = COUNTER.compiles
     with forbid_compiles():

@@ -15,7 +15,6 @@ from aphrodite_jax import SamplingParams  # noqa: E402
 from aphrodite_jax.config import ModelConfig  # noqa: E402
 from aphrodite_jax.loaders.resolve import resolve_model  # noqa: E402
 from aphrodite_jax.models.loader import load_model  # noqa: E402
-from engine_utils import make_llm  # noqa: E402
 from model_test_utils import PagePool  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -39,8 +38,8 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return make_llm()
+def llm(default_llm):
+    return default_llm
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
