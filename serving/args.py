@@ -1,0 +1,294 @@
+"""The server's flags: one table holding every flag of Aphrodite's CLI (spec section 5), YAML loading,
+and the step from parsed flags to `EngineConfig` + `ServingConfig`.
+
+Why a table: `--help`, the YAML loader and the "not supported yet" guard all read the same list, so a
+flag can never be accepted silently and then ignored. A flag whose feature has not landed stays in the
+table as UNSUPPORTED: giving it (on the command line or in YAML) is an error that names it.
+
+Every flag defaults to argparse.SUPPRESS, so a parsed namespace holds only what the user gave. That makes
+the override order exact (config defaults < YAML < explicit CLI flags) and leaves the defaults in one
+place: the config dataclasses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from aphrodite_jax.config import DTYPES, LOAD_FORMATS, ConfigError, EngineConfig
+from serving.config import ServingConfig
+
+SUPPRESS = argparse.SUPPRESS
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+class CLIError(Exception):
+    """A bad flag or value; `main` prints it as one line and exits with status 2."""
+
+
+def str2bool(value: str) -> bool:
+    low = str(value).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """`--foo_bar[=x]` -> `--foo-bar[=x]` (Aphrodite's FlexibleArgumentParser); stops at a bare `--`."""
+    out: list[str] = []
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            out.extend(argv[i:])
+            break
+        if tok.startswith("--"):
+            key, eq, val = tok.partition("=")
+            tok = key.replace("_", "-") + eq + val
+        out.append(tok)
+    return out
+
+
+class FlexibleArgumentParser(argparse.ArgumentParser):
+    """argparse that takes `--foo_bar` like `--foo-bar` and raises CLIError instead of exiting.
+    Prefix abbreviations are off: `--max-num` must not silently mean one of two flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is None:
+            args = sys.argv[1:]
+        return super().parse_known_args(normalize_argv(list(args)), namespace)
+
+    def error(self, message: str):  # argparse calls this for unknown flags and bad values
+        raise CLIError(message)
+
+
+class _Unsupported(argparse.Action):
+    """Registered so `--help` lists the flag, but using it is an error until its issue lands."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise CLIError(f"not supported yet: {self.option_strings[-1]}")
+
+
+# ----------------------------------------------------------------------------- the flag table
+# (flags, kwargs, help). Where a flag lands is decided by SERVING_KEYS / ENGINE_KEYS below.
+_FLAG = "flag"  # a bare switch
+_BOOL = "bool"  # an optional true/false value: `--x`, `--x true`, `--x false`
+
+SERVER_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
+    (("--host",), str, "address to bind (default: all interfaces)"),
+    (("--port",), int, "port to listen on (default: 2242)"),
+    (("--uvicorn-log-level",), {"choices": LOG_LEVELS}, "uvicorn and server log level (default: info)"),
+    (("--api-keys",), {"nargs": "+"},
+     "API key(s) clients must send; default: env APHRODITE_API_KEY"),
+    (("--admin-key",), str, "key for admin routes; default: env APHRODITE_ADMIN_KEY"),
+    (("--chat-template",), str, "chat template: a file path or an inline Jinja template"),
+    (("--response-role",), str, "role of generated chat messages (default: assistant)"),
+    (("--max-log-len",), int, "log at most N prompt characters/ids per request (0: all)"),
+    (("--return-tokens-as-token-ids",), _FLAG, "logprob tokens as 'token_id:N' strings"),
+    (("--disable-log-requests",), _FLAG, "do not log each request"),
+    (("--disable-log-stats",), _FLAG, "do not log throughput/queue statistics"),
+    (("--served-model-name",), {"nargs": "+"},
+     "model name(s) the API answers to; the first is reported (default: the model path)"),
+]
+
+ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
+    (("--model",), str, "HF folder, .gguf file or cached hub id (default: bundled SmolLM2-135M-Instruct)"),
+    (("--tokenizer",), str, "tokenizer folder or hub id (default: the model's)"),
+    (("--max-model-len",), int, "context length (default: from the model)"),
+    (("--dtype",), {"choices": DTYPES}, "weight/activation dtype (default: auto)"),
+    (("--seed",), int, "seed for requests that give none (default: 0)"),
+    (("--load-format",), {"choices": LOAD_FORMATS}, "weight format (default: auto)"),
+    (("--max-logprobs",), int, "largest logprobs/top_logprobs a request may ask for"),
+    (("-tp", "--tensor-parallel-size"), int, "devices on the mesh's 'model' axis (default: 1)"),
+    (("--block-size",), {"type": int, "choices": (8, 16, 32)}, "KV page size in tokens (default: 16)"),
+    (("--num-gpu-blocks-override",), int, "fixed number of KV pages (ignores the memory budget)"),
+    (("-gmu", "--gpu-memory-utilization"), float,
+     "fraction of accelerator memory for weights + KV cache (default: 0.9)"),
+    (("--kv-cache-memory",), float, "GiB of host memory for the KV cache on CPU (default: 2)"),
+    (("--swap-space",), float, "GiB of host memory for swapped-out KV pages (default: 4)"),
+    (("--enable-prefix-caching", "--context-shift"), _FLAG, "reuse KV pages of shared prompt prefixes"),
+    (("--enable-chunked-prefill",), _BOOL, "split long prompts across steps [true|false]"),
+    (("--max-num-seqs",), int, "most sequences per step (default: 256)"),
+    (("--max-num-batched-tokens",), int, "most tokens per step (default: from max-model-len)"),
+    (("--preemption-mode",), {"choices": ("recompute", "swap")}, "how to preempt (default: recompute)"),
+]
+
+# Aphrodite flags whose features have not landed. The value shape only matters for parsing.
+UNSUPPORTED_FLAGS: list[tuple[tuple[str, ...], Any]] = [
+    (("--allow-credentials",), 0), (("--allowed-origins",), None), (("--allowed-methods",), None),
+    (("--allowed-headers",), None), (("--lora-modules",), "+"), (("--prompt-adapters",), "+"),
+    (("--ssl-keyfile",), None), (("--ssl-certfile",), None), (("--ssl-ca-certs",), None),
+    (("--ssl-cert-reqs",), None), (("--root-path",), None), (("--middleware",), None),
+    (("--launch-kobold-api",), 0), (("--disable-frontend-multiprocessing",), 0),
+    (("--allow-inline-model-loading",), 0), (("--enable-auto-tool-choice",), 0),
+    (("--tool-call-parser",), None), (("--tool-parser-plugin",), None), (("--uvloop",), 0),
+    (("--tokenizer-mode",), None), (("--revision",), None), (("--trust-remote-code",), 0),
+    (("--download-dir",), None), (("-pp", "--pipeline-parallel-size"), None),
+    (("--distributed-executor-backend",), None), (("-q", "--quantization"), None),
+    (("--deepspeed-fp-bits",), None), (("--quant-llm-fp-bits",), None),
+    (("--quant-llm-exp-bits",), None), (("--kv-cache-dtype",), None), (("--cpu-offload-gb",), None),
+    (("--enforce-eager",), "?"), (("--max-seq-len-to-capture",), None),
+    (("--guided-decoding-backend",), None), (("--scheduling-policy",), None),
+    (("--single-user-mode",), 0), (("--num-scheduler-steps",), None), (("--enable-lora",), 0),
+    (("--max-loras",), None), (("--max-lora-rank",), None), (("--max-cpu-loras",), None),
+    (("--enable-prompt-adapter",), 0), (("--speculative-model",), None),
+    (("--num-speculative-tokens",), None), (("--ngram-prompt-lookup-max",), None),
+    (("--ngram-prompt-lookup-min",), None), (("--spec-decoding-acceptance-method",), None),
+    (("--rope-scaling",), None), (("--rope-theta",), None), (("--limit-mm-per-prompt",), None),
+]
+
+SERVING_KEYS = {"host", "port", "uvicorn_log_level", "api_keys", "admin_key", "chat_template",
+                "response_role", "max_log_len", "return_tokens_as_token_ids", "disable_log_requests",
+                "disable_log_stats", "served_model_name"}
+ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_format", "max_logprobs",
+               "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
+               "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
+               "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats"}
+
+
+def _dest(flags: tuple[str, ...]) -> str:
+    return next(f for f in flags if f.startswith("--"))[2:].replace("-", "_")
+
+
+def add_server_args(parser: argparse.ArgumentParser, *, with_model: bool = True) -> None:
+    """Every flag of the table, grouped for --help. `with_model=False` leaves --model to a positional."""
+    parser.add_argument("--config", default=SUPPRESS, metavar="FILE.yaml",
+                        help="YAML file of flags (flat keys or Aphrodite's sections); "
+                             "flags given on the command line override it")
+    for title, table in (("server", SERVER_FLAGS), ("engine", ENGINE_FLAGS)):
+        group = parser.add_argument_group(f"{title} options")
+        for flags, spec, help_ in table:
+            if flags == ("--model",) and not with_model:
+                continue
+            kw: dict[str, Any] = {"dest": _dest(flags), "default": SUPPRESS, "help": help_}
+            if spec == _FLAG:
+                kw.update(action="store_const", const=True)
+            elif spec == _BOOL:
+                kw.update(nargs="?", const=True, type=str2bool, metavar="BOOL")
+            elif isinstance(spec, dict):
+                kw.update(spec)
+            else:
+                kw["type"] = spec
+            group.add_argument(*flags, **kw)
+    group = parser.add_argument_group("not supported yet (exit with an error when given)")
+    for flags, nargs in UNSUPPORTED_FLAGS:
+        group.add_argument(*flags, dest=_dest(flags), action=_Unsupported, nargs=nargs,
+                           default=SUPPRESS, help="not supported yet")
+
+
+def build_flat_parser(prog: str = "python -m serving.openai") -> FlexibleArgumentParser:
+    """The parser of `python -m serving.openai` (and of YAML files): flags only, --model optional."""
+    parser = FlexibleArgumentParser(prog=prog, usage="%(prog)s [--model MODEL] [options]",
+                                    description="OpenAI-compatible server on aphrodite-jax.")
+    add_server_args(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------- YAML
+def _yaml_items(data: Any, path: str) -> dict[str, Any]:
+    """Flat keys, or Aphrodite's sections (`basic_args: [{model: x}, ...]`), merged in file order."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping of flag names to values")
+    known = _known_dests()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known and isinstance(value, list) and all(
+                isinstance(x, dict) and len(x) == 1 for x in value):
+            for item in value:  # a section: a list of single-key maps
+                (k, v), = item.items()
+                out[str(k).replace("-", "_")] = v
+        else:
+            out[name] = value
+    return out
+
+
+def _known_dests() -> dict[str, argparse.Action]:
+    parser = build_flat_parser()
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+
+
+def yaml_to_argv(path: str) -> list[str]:
+    """Read a YAML config into flag tokens, following Aphrodite's `aphrodite yaml` rules: null, empty
+    and false values are skipped, except for true/false flags, which get an explicit value."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise CLIError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise CLIError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from None
+    known = _known_dests()
+    argv: list[str] = []
+    for key, value in _yaml_items(data, path).items():
+        if key not in known:
+            raise CLIError(f"{path}: unknown option {key!r}")
+        action = known[key]
+        flag = action.option_strings[-1]
+        if action.nargs == "?" and not isinstance(action, _Unsupported):  # true/false flag
+            if value is not None:
+                argv += [flag, str(value).lower()]
+        elif value is None or value == "" or value is False:
+            continue
+        elif action.nargs == 0:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag] + [_yaml_scalar(v) for v in value]
+        else:
+            argv += [flag, _yaml_scalar(value)]
+    return argv
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, dict):
+        if len(value) == 1:  # lora_modules style `{name: path}` -> name=path
+            (k, v), = value.items()
+            return f"{k}={v}"
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- configs
+def resolve_args(cli: dict[str, Any]) -> dict[str, Any]:
+    """Merge a parsed command line with its --config file: YAML first, explicit flags over it."""
+    cli = dict(cli)
+    path = cli.pop("config", None)
+    if path is None:
+        return cli
+    yaml_ns = build_flat_parser().parse_args(yaml_to_argv(path))
+    merged = vars(yaml_ns)
+    merged.pop("config", None)
+    merged.update(cli)
+    return merged
+
+
+def build_configs(args: dict[str, Any], environ: Optional[dict] = None
+                  ) -> tuple[EngineConfig, ServingConfig]:
+    """Flat flag values -> (EngineConfig, ServingConfig); validation errors become CLIError."""
+    environ = os.environ if environ is None else environ
+    unknown = set(args) - SERVING_KEYS - ENGINE_KEYS
+    if unknown:
+        raise CLIError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    serving = {k: v for k, v in args.items() if k in SERVING_KEYS}
+    engine = {k: v for k, v in args.items() if k in ENGINE_KEYS}
+    # The conventional key variables fill in only what the command line left out.
+    if "api_keys" not in serving and environ.get("APHRODITE_API_KEY"):
+        serving["api_keys"] = [environ["APHRODITE_API_KEY"]]
+    if "admin_key" not in serving and environ.get("APHRODITE_ADMIN_KEY"):
+        serving["admin_key"] = environ["APHRODITE_ADMIN_KEY"]
+    try:
+        return EngineConfig.from_kwargs(**engine), ServingConfig(**serving)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from None

@@ -1,0 +1,139 @@
+"""Entry points: `aphrodite-jax run [MODEL] [flags]`, `aphrodite-jax yaml CONFIG.yaml [flags]` and
+`python -m serving.openai [--model M] [flags]`, mirroring Aphrodite's `aphrodite run | yaml`.
+
+Parsing (serving/args.py) never imports JAX, so `--help` and flag errors answer at once; the engine
+and uvicorn are imported only by `run_server`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from aphrodite_jax.config import EngineConfig
+from serving.args import (SUPPRESS, CLIError, FlexibleArgumentParser, add_server_args,
+                          build_configs, build_flat_parser, resolve_args)
+from serving.config import ServingConfig
+
+__all__ = ["main", "main_flat", "parse_cli", "parse_flat", "run_server", "build_cli_parser",
+           "CLIError", "served_name"]
+
+logger = logging.getLogger("aphrodite_jax.serving")
+
+
+def build_cli_parser() -> FlexibleArgumentParser:
+    """`aphrodite-jax {run,yaml}`: the console script's parser."""
+    parser = FlexibleArgumentParser(prog="aphrodite-jax",
+                                    description="aphrodite-jax: an Aphrodite-compatible LLM server on JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,yaml}")
+    run = sub.add_parser("run", usage="%(prog)s [MODEL] [options]", help="serve a model over the OpenAI-compatible API",
+                         description="Serve MODEL (default: the bundled SmolLM2-135M-Instruct).")
+    run.add_argument("model_tag", nargs="?", default=SUPPRESS, metavar="MODEL",
+                     help="model to serve (same as --model)")
+    add_server_args(run)
+    yml = sub.add_parser("yaml", usage="%(prog)s CONFIG.yaml [options]", help="serve with the flags from a YAML config file",
+                         description="Serve with the flags of CONFIG.yaml; extra flags override it.")
+    yml.add_argument("yaml_path", metavar="CONFIG.yaml")
+    add_server_args(yml)
+    return parser
+
+
+def _finish(ns_dict: dict[str, Any]) -> tuple[EngineConfig, ServingConfig]:
+    return build_configs(resolve_args(ns_dict))
+
+
+def parse_cli(argv: Optional[Sequence[str]] = None) -> tuple[EngineConfig, ServingConfig]:
+    """Console-script arguments -> configs. Raises CLIError on any bad flag or value."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_cli_parser()
+    ns = vars(parser.parse_args(argv))
+    command = ns.pop("command", None)
+    if command is None:
+        raise CLIError("a command is required: run or yaml (see aphrodite-jax --help)")
+    if command == "run" and "model_tag" in ns:
+        ns["model"] = ns.pop("model_tag")
+    if command == "yaml":
+        path = ns.pop("yaml_path")
+        if "config" in ns:
+            raise CLIError("give the YAML file once: `aphrodite-jax yaml FILE` takes no --config")
+        ns["config"] = path
+    return _finish(ns)
+
+
+def parse_flat(argv: Optional[Sequence[str]] = None) -> tuple[EngineConfig, ServingConfig]:
+    """`python -m serving.openai` arguments -> configs. Raises CLIError on any bad flag or value."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return _finish(vars(build_flat_parser().parse_args(argv)))
+
+
+def served_name(engine_config: EngineConfig, serving_config: ServingConfig) -> str:
+    """The name the API reports first, for logs: the served name, else the model, else the default."""
+    if serving_config.served_model_name:
+        return serving_config.served_model_name[0]
+    if engine_config.model.model:
+        return engine_config.model.model
+    from aphrodite_jax.loaders.resolve import DEFAULT_MODEL_FILE
+
+    return DEFAULT_MODEL_FILE
+
+
+def _setup_logging(level: str) -> None:
+    py_level = logging.DEBUG if level == "trace" else getattr(logging, level.upper())
+    logging.basicConfig(level=py_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(py_level)
+    logging.getLogger("jax").setLevel(max(py_level, logging.WARNING))
+
+
+def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> None:
+    """Build the engine and the app, serve until SIGINT/SIGTERM, then shut the engine down."""
+    _setup_logging(serving_config.uvicorn_log_level)
+    import uvicorn
+
+    from serving.openai.api_server import build_app  # fail before the slow model load
+
+    from aphrodite_jax.engine.async_engine import AsyncLLMEngine
+    from aphrodite_jax.engine.llm_engine import LLMEngine
+
+    name = served_name(engine_config, serving_config)
+    host = serving_config.host or "0.0.0.0"  # Aphrodite binds every interface when --host is absent
+    logger.info("loading model %s (model=%s)", name, engine_config.model.model or "<default>")
+    engine = AsyncLLMEngine(LLMEngine(engine_config))
+    try:
+        app = build_app(engine, serving_config)
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets=None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started:
+                    logger.info("serving model %s on http://%s:%d (OpenAI API under /v1)",
+                                name, host, serving_config.port)
+
+        config = uvicorn.Config(app, host=host, port=serving_config.port,
+                                log_level=serving_config.uvicorn_log_level,
+                                timeout_graceful_shutdown=5)
+        _Server(config).run()
+    finally:
+        logger.info("shutting down the engine")
+        engine.shutdown()
+
+
+def _exit_on_error(fn, argv, prog: str) -> tuple[EngineConfig, ServingConfig]:
+    try:
+        return fn(argv)
+    except CLIError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The `aphrodite-jax` console script."""
+    run_server(*_exit_on_error(parse_cli, argv, "aphrodite-jax"))
+
+
+def main_flat(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m serving.openai`."""
+    run_server(*_exit_on_error(parse_flat, argv, "python -m serving.openai"))
+
+
+if __name__ == "__main__":
+    main()
