@@ -1,0 +1,153 @@
+"""POST /v1/chat/completions: render the conversation with the chat template, then one engine request.
+
+Defaults follow design decision 20: temperature/top_p from the model's generation_config when present
+(else 1.0), max_tokens = the rest of the context. Tools need guided decoding and are refused for now.
+"""
+from __future__ import annotations
+
+import uuid
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import Request
+
+from serving.openai.chat_utils import load_chat_template, message_text, render_chat
+from serving.openai.errors import APIError, error_body
+from serving.openai.logprobs import chat_logprobs, prompt_logprobs_json
+from serving.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse,
+                                     ChatCompletionResponseChoice, ChatCompletionStreamChoice,
+                                     ChatCompletionStreamResponse, ChatResponseMessage, DeltaMessage,
+                                     UsageInfo)
+from serving.openai.serving_completion import sse
+from serving.openai.serving_engine import OpenAIServing, merged_outputs
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine: Any, config):
+        super().__init__(engine, config)
+        self.server_template: Optional[str] = load_chat_template(config.chat_template)
+
+    def defaults(self) -> dict:
+        gen = self.generation_config
+        out = {"temperature": 1.0, "top_p": 1.0}
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if gen.get(key) is not None and (key in out or gen.get("do_sample", True)):
+                out[key] = gen[key]
+        return out
+
+    def render_prompt(self, req) -> tuple[str, list[int]]:
+        return render_chat(self.tokenizer, req.messages, server_template=self.server_template,
+                           request_template=req.chat_template,
+                           add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                           continue_final_message=req.continue_final_message,
+                           documents=getattr(req, "documents", None),
+                           template_kwargs=req.chat_template_kwargs,
+                           add_special_tokens=req.add_special_tokens)
+
+    def _role(self, req: ChatCompletionRequest) -> str:
+        if req.add_generation_prompt and not req.continue_final_message:
+            return self.config.response_role
+        return req.messages[-1].role
+
+    def _echo_prefix(self, req: ChatCompletionRequest, role: str) -> str:
+        last = req.messages[-1]
+        if (req.echo or req.continue_final_message) and last.role == role:
+            return message_text(last.content)
+        return ""
+
+    async def create(self, req: ChatCompletionRequest, request: Request):
+        self.check_request(req)
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise APIError("tools / tool_choice are not supported yet (guided decoding)", 400,
+                           "tools" if req.tools else "tool_choice")
+        if req.top_logprobs is not None and not req.logprobs and req.top_logprobs > 0:
+            raise APIError("when using `top_logprobs`, `logprobs` must be set to true.", 400, "top_logprobs")
+        _, ids = self.render_prompt(req)
+        ids = self.truncate(ids, req.truncate_prompt_tokens)
+        max_tokens = self.resolve_max_tokens(req.max_tokens, len(ids), "messages", "messages", default=None)
+        top_k = req.top_logprobs or 0
+        prompt_lp = req.prompt_logprobs
+        if req.echo and prompt_lp is None and req.logprobs:
+            prompt_lp = top_k
+        params = self.sampling_params(req, max_tokens=max_tokens, defaults=self.defaults(),
+                                      logprobs=top_k if req.logprobs else None, prompt_logprobs=prompt_lp)
+        rid = f"chat-{uuid.uuid4().hex}"
+        first, gen = await self.start(rid, ids, params)
+        role = self._role(req)
+        prefix = self._echo_prefix(req, role)
+        if req.stream:
+            return self._stream(req, request, rid, first, gen, role, prefix, top_k, len(ids))
+        final = None
+        async for _, out in merged_outputs(request, [first], [gen]):
+            if out.finished:
+                final = out
+        if final is None:
+            return None
+        choices, completion_tokens = [], 0
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            completion_tokens += len(o.token_ids)
+            lp = chat_logprobs(o.token_ids, o.logprobs or [], top_k, self.render) if req.logprobs else None
+            choices.append(ChatCompletionResponseChoice(
+                index=o.index, message=ChatResponseMessage(role=role, content=prefix + o.text), logprobs=lp,
+                finish_reason=o.finish_reason or "stop", stop_reason=o.stop_reason))
+        usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids), completion_tokens=completion_tokens,
+                          total_tokens=len(final.prompt_token_ids) + completion_tokens)
+        return ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage,
+                                      prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs)
+                                      if prompt_lp is not None else None)
+
+    async def _stream(self, req: ChatCompletionRequest, request: Request, rid: str, first, gen, role: str,
+                      prefix: str, top_k: int, prompt_tokens: int) -> AsyncIterator[str]:
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finished: set[int] = set()
+
+        def usage() -> dict:
+            c = sum(sent_tokens.values())
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c}
+
+        def chunk(index: int, delta: DeltaMessage, **kw) -> str:
+            body = ChatCompletionStreamResponse(
+                id=rid, model=self.model_name,
+                choices=[ChatCompletionStreamChoice(index=index, delta=delta, **kw)],
+                usage=UsageInfo(**usage()) if continuous else None)
+            return sse(body.model_dump_json(exclude_none=True))
+
+        try:
+            for i in range(req.n):
+                yield chunk(i, DeltaMessage(role=role, content=""))
+                if prefix:
+                    yield chunk(i, DeltaMessage(content=prefix))
+            async with aclosing(merged_outputs(request, [first], [gen])) as stream:
+                async for _, out in stream:
+                    for o in out.outputs:
+                        i = o.index
+                        if i in finished:
+                            continue
+                        delta = o.text[sent_text.get(i, 0):]
+                        start = sent_tokens.get(i, 0)
+                        new_ids = list(o.token_ids[start:])
+                        new_entries = list((o.logprobs or [])[start:len(o.token_ids)])
+                        sent_text[i], sent_tokens[i] = len(o.text), len(o.token_ids)
+                        done = o.finish_reason is not None
+                        if not delta and not done and not new_ids:
+                            continue
+                        kw: dict[str, Any] = {}
+                        if req.logprobs:
+                            kw["logprobs"] = chat_logprobs(new_ids, new_entries, top_k, self.render)
+                        if done:
+                            finished.add(i)
+                            kw.update(finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                        yield chunk(i, DeltaMessage(content=delta), **kw)
+            if include_usage:
+                body = ChatCompletionStreamResponse(id=rid, model=self.model_name, choices=[],
+                                                    usage=UsageInfo(**usage()))
+                yield sse(body.model_dump_json())
+        except APIError as exc:
+            yield sse(error_body(exc.message, exc.status, exc.param))
+        except Exception as exc:  # the 200 is already sent: report in-band (spec 1.4)
+            yield sse(error_body(f"{type(exc).__name__}: {exc}", 500))
+        yield "data: [DONE]\n\n"
