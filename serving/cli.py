@@ -6,6 +6,7 @@ and uvicorn are imported only by `run_server`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any, Optional, Sequence
@@ -98,6 +99,15 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
     host = serving_config.host or "0.0.0.0"  # Aphrodite binds every interface when --host is absent
     logger.info("loading model %s (model=%s)", name, engine_config.model.model or "<default>")
     engine = AsyncLLMEngine(LLMEngine(engine_config))
+    stopped = False
+
+    def stop_engine() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            logger.info("shutting down the engine")
+            engine.shutdown()
+
     try:
         app = build_app(engine, serving_config)
 
@@ -108,13 +118,22 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
                     logger.info("serving model %s on http://%s:%d (OpenAI API under /v1)",
                                 name, host, serving_config.port)
 
+            @contextlib.contextmanager
+            def capture_signals(self):
+                # uvicorn re-raises a caught SIGTERM once serving ends, which kills the process
+                # before any outer `finally`: stop the engine first, inside that window.
+                with super().capture_signals():
+                    try:
+                        yield
+                    finally:
+                        stop_engine()
+
         config = uvicorn.Config(app, host=host, port=serving_config.port,
                                 log_level=serving_config.uvicorn_log_level,
                                 timeout_graceful_shutdown=5)
         _Server(config).run()
     finally:
-        logger.info("shutting down the engine")
-        engine.shutdown()
+        stop_engine()
 
 
 def _exit_on_error(fn, argv, prog: str) -> tuple[EngineConfig, ServingConfig]:
@@ -125,14 +144,21 @@ def _exit_on_error(fn, argv, prog: str) -> tuple[EngineConfig, ServingConfig]:
         sys.exit(2)
 
 
+def _serve(configs: tuple[EngineConfig, ServingConfig]) -> None:
+    try:
+        run_server(*configs)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a graceful shutdown
+        sys.exit(130)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """The `aphrodite-jax` console script."""
-    run_server(*_exit_on_error(parse_cli, argv, "aphrodite-jax"))
+    _serve(_exit_on_error(parse_cli, argv, "aphrodite-jax"))
 
 
 def main_flat(argv: Optional[Sequence[str]] = None) -> None:
     """`python -m serving.openai`."""
-    run_server(*_exit_on_error(parse_flat, argv, "python -m serving.openai"))
+    _serve(_exit_on_error(parse_flat, argv, "python -m serving.openai"))
 
 
 if __name__ == "__main__":
