@@ -31,6 +31,7 @@ class ServerHandle:
     server: Any
     thread: threading.Thread
     loop: Optional[asyncio.AbstractEventLoop] = None
+    owns_engine: bool = True
 
     @property
     def v1(self) -> str:
@@ -59,22 +60,27 @@ class ServerHandle:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-        self.engine.shutdown()
+        if self.owns_engine:
+            self.engine.shutdown()
 
 
-def start_server(llm_engine: Any = None, serving_config: Any = None, **engine_kw) -> ServerHandle:
+def start_server(llm_engine: Any = None, serving_config: Any = None, async_engine: Any = None,
+                 **engine_kw) -> ServerHandle:
+    """Serve `async_engine` (shared, left running at stop), else a new AsyncLLMEngine over `llm_engine`
+    (else over a new LLMEngine with the suite's common shapes)."""
     import uvicorn
 
     from aphrodite_jax.engine.async_engine import AsyncLLMEngine
     from serving.config import ServingConfig
     from serving.openai.api_server import build_app
 
-    if llm_engine is None:
+    if async_engine is None and llm_engine is None:
         from aphrodite_jax.config import EngineConfig
         from aphrodite_jax.engine.llm_engine import LLMEngine
 
         llm_engine = LLMEngine(EngineConfig.from_kwargs(**{**ENGINE_KW, **engine_kw}))
-    engine = AsyncLLMEngine(llm_engine)
+    owns = async_engine is None
+    engine = AsyncLLMEngine(llm_engine) if owns else async_engine
     config = serving_config or ServingConfig()
     app = build_app(engine, config)
     port = free_port()
@@ -93,7 +99,8 @@ def start_server(llm_engine: Any = None, serving_config: Any = None, **engine_kw
     deadline = time.monotonic() + 60
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            engine.shutdown()
+            if owns:
+                engine.shutdown()
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    return ServerHandle(f"http://127.0.0.1:{port}", engine, app, server, thread, holder["loop"])
+    return ServerHandle(f"http://127.0.0.1:{port}", engine, app, server, thread, holder["loop"], owns)
