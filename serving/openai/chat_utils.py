@@ -39,7 +39,7 @@ def message_text(content: Any) -> str:
     texts = []
     for i, part in enumerate(content):
         if part.type != "text":
-            raise APIError(f"Unknown part type: {part.type}", 400, f"messages.content.{i}.type")
+            raise APIError(f"messages: unknown content part type: {part.type}", 400, "messages")
         texts.append(part.text or "")
     return "\n".join(texts)
 
