@@ -50,6 +50,7 @@ class LLMEngine:
         self.hf_config = stack.hf_config
         self.max_model_len = stack.max_model_len
         self.eos_token_ids = stack.eos_token_ids
+        self.generation_config = stack.generation_config  # the server's chat defaults (decision 20)
         self.generation_config = stack.generation_config  # generation_config.json defaults ({} if none)
         self.sampler = stack.sampler
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,
