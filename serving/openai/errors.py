@@ -105,8 +105,6 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
     message, param = _describe_validation(unique)
     if any(e.get("type") == "json_invalid" for e in errors):
         param = None
-    elif isinstance(exc.body, (bytes, str)) or exc.body is None and not errors:
-        pass
     return error_response(message, 400, param)
 
 

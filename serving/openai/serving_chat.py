@@ -28,12 +28,9 @@ class OpenAIServingChat(OpenAIServing):
         self.server_template: Optional[str] = load_chat_template(config.chat_template)
 
     def defaults(self) -> dict:
+        """Decision 20: temperature and top_p from generation_config.json when present, else 1.0."""
         gen = self.generation_config
-        out = {"temperature": 1.0, "top_p": 1.0}
-        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            if gen.get(key) is not None and (key in out or gen.get("do_sample", True)):
-                out[key] = gen[key]
-        return out
+        return {key: float(gen[key]) if gen.get(key) is not None else 1.0 for key in ("temperature", "top_p")}
 
     def render_prompt(self, req) -> tuple[str, list[int]]:
         return render_chat(self.tokenizer, req.messages, server_template=self.server_template,

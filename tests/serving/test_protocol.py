@@ -170,3 +170,23 @@ def test_chat_without_template_is_a_clear_400_but_completions_work():
     with TestClient(build_app(engine, ServingConfig(chat_template=TEMPLATE))) as c:
         assert c.post("/v1/chat/completions", json={
             "model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+
+
+def test_generation_config_sets_chat_defaults_and_token_ids_rendering():
+    engine = FakeEngine(make_tokenizer())
+    engine.engine.generation_config = {"temperature": 0.6, "top_p": 0.9}
+    config = ServingConfig(return_tokens_as_token_ids=True)
+    with TestClient(build_app(engine, config)) as c:
+        r = c.post("/v1/chat/completions", json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+                                                 "logprobs": True, "top_logprobs": 1})
+        assert r.status_code == 200, r.text
+        params, _ = engine.seen[-1]
+        assert params.temperature == pytest.approx(0.6) and params.top_p == pytest.approx(0.9)
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert [x["token"] for x in content] == ["token_id:5", "token_id:6"]
+        assert content[1]["logprob"] == -9999.0 and content[0]["top_logprobs"][0]["token"] == "token_id:5"
+        r = c.post("/v1/chat/completions", json={"model": "fake-model", "temperature": 0.2,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert engine.seen[-1][0].temperature == pytest.approx(0.2)
+        c.post("/v1/completions", json={"model": "fake-model", "prompt": "hi"})
+        assert engine.seen[-1][0].temperature == 1.0 and engine.seen[-1][0].max_tokens == 16
