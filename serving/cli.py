@@ -69,14 +69,12 @@ def parse_flat(argv: Optional[Sequence[str]] = None) -> tuple[EngineConfig, Serv
 
 
 def served_name(engine_config: EngineConfig, serving_config: ServingConfig) -> str:
-    """The name the API reports first, for logs: the served name, else the model, else the default."""
-    if serving_config.served_model_name:
-        return serving_config.served_model_name[0]
+    """The model being loaded, for logs: its path or hub id, else the bundled default's file."""
     if engine_config.model.model:
         return engine_config.model.model
     from aphrodite_jax.loaders.resolve import DEFAULT_MODEL_FILE
 
-    return DEFAULT_MODEL_FILE
+    return f"the bundled default ({DEFAULT_MODEL_FILE})"
 
 
 def _setup_logging(level: str) -> None:
@@ -96,9 +94,8 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
     from aphrodite_jax.engine.async_engine import AsyncLLMEngine
     from aphrodite_jax.engine.llm_engine import LLMEngine
 
-    name = served_name(engine_config, serving_config)
     host = serving_config.host or "0.0.0.0"  # Aphrodite binds every interface when --host is absent
-    logger.info("loading model %s (model=%s)", name, engine_config.model.model or "<default>")
+    logger.info("loading model %s", served_name(engine_config, serving_config))
     engine = AsyncLLMEngine(LLMEngine(engine_config))
     stats = None if serving_config.disable_log_stats else StatsLogger(engine.engine).start()
     stopped = False
@@ -114,13 +111,15 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
 
     try:
         app = build_app(engine, serving_config)
+        names = list(getattr(app.state, "served_model_names", None) or serving_config.served_model_name)
 
         class _Server(uvicorn.Server):
             async def startup(self, sockets=None) -> None:
                 await super().startup(sockets=sockets)
                 if self.started:
-                    logger.info("serving model %s on http://%s:%d (OpenAI API under /v1)",
-                                name, host, serving_config.port)
+                    logger.info("serving model %s as %s on http://%s:%d (OpenAI API under /v1)",
+                                served_name(engine_config, serving_config),
+                                ", ".join(names) or "?", host, serving_config.port)
 
             @contextlib.contextmanager
             def capture_signals(self):

@@ -323,7 +323,7 @@ def test_server_serves_the_names_it_was_given(tmp_path):
             proc.kill()
             proc.wait()
     text = _read(log)
-    assert f"on http://127.0.0.1:{port}" in text and "serving model a" in text, text
+    assert f"on http://127.0.0.1:{port}" in text and "as a, b on" in text, text
     assert "shutting down the engine" in text, text
     log.close()
 
