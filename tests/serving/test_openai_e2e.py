@@ -92,6 +92,19 @@ def test_n_and_best_of(client, model):
     assert len(b.choices) == 1 and b.choices[0].index == 0
 
 
+def test_prompt_list_usage_sums_prompts_and_choices(client, model, tok):
+    prompts = [PROMPT, "Two plus two is"]
+    r = client.completions.create(model=model, prompt=prompts, max_tokens=2, n=2, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 8
+    s = list(client.completions.create(model=model, prompt=prompts, max_tokens=2, n=2, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert {c.choices[0].index for c in s if c.choices} == {0, 1, 2, 3}
+    assert s[-1].usage.completion_tokens == 8 and s[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
 def test_echo_with_logprobs(client, model, tok):
     ids = tok.encode(PROMPT)
     r = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2)

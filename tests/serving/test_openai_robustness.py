@@ -110,6 +110,13 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(server):
         # long before its 1500 tokens could have been generated.
         assert server.wait_idle(120), (server.free_blocks(), total, list(server.engine.engine.requests))
         assert stats.steps - steps_at_disconnect < 20
+    # A non-streaming client that gives up (read timeout closes its connection) is aborted too.
+    steps_before = stats.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", timeout=httpx.Timeout(120, read=1.0),
+                   json={"model": model, "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True})
+    assert server.wait_idle(120)
+    assert stats.steps - steps_before < 1000
 
 
 def test_64_concurrent_streams_match_solo_answers(server):
