@@ -88,3 +88,24 @@ def test_greedy_tokens_and_logits_match_hf(hf_model, llm):
             got.append(np.asarray(fwd.logits(fwd.state_leaves, hidden)))
         got = np.concatenate(got)  # [len(p) + 8, V]
         np.testing.assert_allclose(got, want[:len(got)], atol=1e-3, rtol=0)
+
+
+def test_prompt_and_sample_logprobs_match_hf(hf_model, llm):
+    tok = llm.get_tokenizer()
+    ids = tok.encode("The capital of France is Paris. The capital of Germany is")
+    sp = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=3, logprobs=2, ignore_eos=True)
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=sp, use_tqdm=False)[0]
+    full = ids + out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(input_ids=torch.tensor([full])).logits[0], -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for i in range(1, len(ids)):
+        entry = out.prompt_logprobs[i]
+        assert abs(entry[ids[i]].logprob - ref[i - 1, ids[i]]) < 1e-3
+        top = np.argsort(-ref[i - 1])[:3]
+        assert [t for t, lp in entry.items() if lp.rank <= 3 and t in top] or entry[ids[i]].rank > 3
+        assert entry[ids[i]].rank == 1 + int((ref[i - 1] > ref[i - 1, ids[i]] + 1e-4).sum())
+    for j, (tid, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        assert entry[tid].rank == 1  # greedy picks the top token
+        assert abs(entry[tid].logprob - ref[len(ids) + j - 1, tid]) < 1e-3
+        assert len(entry) == 2 or (len(entry) == 1)  # the sampled token is one of the top 2
