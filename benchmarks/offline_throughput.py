@@ -86,7 +86,7 @@ def main() -> None:
         r = resolve_model(args.model)
         kw = {"gguf_file": r.filename} if r.kind == "gguf" else {}
         hf_model = AutoModelForCausalLM.from_pretrained(str(r.folder) if r.kind == "gguf" else str(r.path),
-                                                        torch_dtype=torch.float32, **kw).eval()
+                                                        dtype=torch.float32, **kw).eval()
     run_ours(llm, synthetic_prompts(tok, 4, 16, seed=999), 4)  # warm the host paths
     for rep in range(args.repeats):
         prompts = synthetic_prompts(tok, args.num_prompts, args.input_len, seed=rep)
