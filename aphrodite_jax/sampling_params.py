@@ -28,23 +28,10 @@ class SamplingType(IntEnum):
 # Fields whose sampler is not implemented yet, with their neutral value. Setting any of them to
 # something else is a ValueError; a later issue removes entries as the samplers land.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "dynatemp_min": 0.0,
-    "dynatemp_max": 0.0,
-    "dynatemp_exponent": 1.0,
     "temperature_last": False,
-    "top_a": 0.0,
-    "tfs": 1.0,
-    "eta_cutoff": 0.0,
-    "epsilon_cutoff": 0.0,
-    "typical_p": 1.0,
-    "smoothing_factor": 0.0,
-    "smoothing_curve": 1.0,
     "use_beam_search": False,
     "logits_processors": None,
-    "xtc_probability": 0.0,
-    "nsigma": 0.0,
     "dry_multiplier": 0.0,
-    "skew": 0.0,
     "sampler_priority": None,
     "no_repeat_ngram_size": 0,
     "token_ban_ranges": None,

@@ -124,3 +124,6 @@ def min_p(logits, p, md):
     """Removes tokens with p_i < min_p * max_j p_j, i.e. l_i - max l < log(min_p)."""
     rel = logits - jnp.max(logits, axis=-1, keepdims=True)  # [B, V], <= 0
     return jnp.where(rel < jnp.log(p["min_p"])[:, None], NEG_INF, logits)
+
+
+from aphrodite_jax.sampling import filters_extra as _extra  # noqa: E402,F401  (registers more steps)

@@ -33,6 +33,7 @@ import numpy as np
 DEFAULT_ORDER: tuple[str, ...] = (
     "dry", "penalties", "no_repeat_ngram", "temperature", "top_nsigma", "top_p_top_k", "top_a",
     "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p", "quadratic", "xtc",
+    "skew",  # post-softmax (spec 3.1 step 6), after the chain
 )
 
 StepFn = Callable[[jax.Array, dict, Any], jax.Array]
