@@ -295,3 +295,31 @@ def test_parameter_values_do_not_recompile():
                   xtc_probability=1.0)):
         f(logits, jax.device_put(_md([(sp, 5, 3)], v)))
     assert f._cache_size() == size
+
+
+def test_nsigma_uses_unbiased_std_over_finite_logits():
+    v = 1000
+    logits = _logits(v, 51)
+    rows, wants = [], []
+    for i in range(4):
+        l = logits[i].astype(np.float64)
+        fin = l[np.isfinite(l)]
+        s0, s1 = np.std(fin, ddof=0), np.std(fin, ddof=1)
+        x = np.sort(fin)[-3]  # the third largest sits between the ddof=0 and ddof=1 cutoffs
+        n = float(np.float32((fin.max() - x) / ((s0 + s1) / 2)))
+        rows.append((SP(nsigma=n), 0, 0))
+        wants.append(np_nsigma(l, n))
+        assert np.isfinite(wants[-1]).sum() == 3  # kept only with ddof=1
+    got, _ = _run(rows, logits)
+    for i in range(4):
+        _same(got[i], wants[i])
+
+
+def test_dynatemp_single_finite_token_row():
+    v = 1000
+    logits = np.full((B, v), -np.inf, np.float32)
+    logits[:, 7] = 2.0
+    logits[1] = _logits(v, 61)[1]
+    got, _ = _run([(SP(dynatemp_min=0.5, dynatemp_max=2.0), 0, 0)] * 2, logits)
+    assert np.isfinite(got[0]).sum() == 1 and got[0, 7] == 0.0  # T -> 2e-5, the one token survives
+    _same(got[1], np_dynatemp(logits[1].astype(np.float64), 0.5, 2.0, 1.0))
