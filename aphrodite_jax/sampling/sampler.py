@@ -2,8 +2,10 @@
 
 Pipeline (spec 3.1): logit_bias / bans / min_tokens stop-id bans (sparse, `md.bias_*`) ->
 allowed_token_ids mask -> the registered sampler chain (registry.py, default order) ->
-logprobs = log_softmax(processed logits) -> greedy rows take the argmax, the others a Gumbel-max draw
-(equal to the spec's exponential race) with key fold_in(PRNGKey(seed), output_index).
+logprobs = log_softmax(processed logits) -> greedy rows take the argmax, the others an inverse-CDF draw
+(one uniform per row against the cumulative probabilities; exactly the categorical distribution, and
+one random number per row instead of a Gumbel sample per vocabulary entry, which cost ~50 ms per
+step at B=32, V=49152 on CPU) with key fold_in(PRNGKey(seed), output_index).
 
 Returned logprobs are those of the final processed distribution, as the spec (2.6) says: truncated
 tokens are -inf there, and every returned value is clamped to >= -9999.0 (design decision 13).
@@ -93,8 +95,10 @@ def sample(logits: jax.Array, md: SamplingMetadata, *, max_num_logprobs: int = 0
         ids = greedy_ids
     else:
         v = logits.shape[-1]
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(_row_keys(md))  # [B, V]
-        drawn = jnp.argmax(processed + gumbel, axis=-1).astype(jnp.int32)  # [B]
+        cdf = jnp.cumsum(jnp.exp(logprobs), axis=-1)  # [B, V]
+        unif = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(_row_keys(md))  # [B]
+        u = (1.0 - unif) * cdf[:, -1]  # in (0, total]: a zero-probability token is never picked
+        drawn = jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), v - 1).astype(jnp.int32)  # [B]
         ids = jnp.where(md.greedy, greedy_ids, drawn)
     lp, rank, top_ids, top_lp = _gather_logprobs(logprobs, ids, max_num_logprobs)
     return SamplerOutput(ids, lp, rank, top_ids, top_lp)
