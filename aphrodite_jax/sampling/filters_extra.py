@@ -130,15 +130,14 @@ def epsilon_cutoff(logits, p, md):
 def typical_p(logits, p, md):
     """HF: delta_i = |-ln p_i - H|; sort by delta ascending, accumulate p; keep the tokens up to and
     including the first whose cumulative mass reaches tau (ties in delta survive)."""
-    v = logits.shape[-1]
     lp = jax.nn.log_softmax(logits, axis=-1)
     delta = jnp.abs(-lp - _entropy(logits)[:, None])  # [B, V], inf for removed tokens
-    order = jnp.argsort(delta, axis=-1)
-    d_sorted = jnp.take_along_axis(delta, order, axis=-1)
-    cum = jnp.cumsum(jnp.take_along_axis(jnp.exp(lp), order, axis=-1), axis=-1)
-    last = jnp.minimum(jnp.sum(cum < p["typical_p"][:, None], axis=-1), v - 1)  # [B]
-    thr = jnp.take_along_axis(d_sorted, last[:, None], axis=-1)  # [B, 1]
-    return jnp.where(delta > thr, NEG_INF, logits)
+    # HF keeps delta <= the smallest delta value c with mass(delta <= c) >= tau: a bisection over
+    # -delta (no vocab sort, as top-p). Target min(tau, total) keeps all when f32 mass stays < tau.
+    probs = jnp.exp(lp)
+    target = jnp.minimum(p["typical_p"], jnp.sum(probs, axis=-1))
+    neg_thr = _f.largest_threshold(-delta, probs, target)  # [B, 1]
+    return jnp.where(-delta < neg_thr, NEG_INF, logits)
 
 
 # --- quadratic / cubic smoothing -----------------------------------------------------------
