@@ -108,7 +108,7 @@ BAD = [
     ({"model": "m1", "prompt": "hi", "seed": -5}, 400, "seed"),
     ({"model": "m1", "prompt": "hi", "min_pp": 0.1}, 400, "min_pp"),
     ({"model": "m1", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-    ({"model": "m1", "prompt": "hi", "tfs": 0.5}, 400, "tfs"),
+    ({"model": "m1", "prompt": "hi", "dry_multiplier": 0.8}, 400, "dry_multiplier"),  # not built yet
     ({"model": "m1", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "m1", "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"model": "m1"}, 400, "prompt"),
