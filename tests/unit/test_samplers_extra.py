@@ -1,4 +1,6 @@
 """The extra sampler steps (filters_extra.py) against NumPy versions of the spec's formulas (3.2)."""
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,7 +176,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sampler_rows_vs_numpy(name, v):
     kws, fn = CASES[name]
-    logits = _logits(v, seed=hash(name) % 1000 + v)
+    logits = _logits(v, seed=zlib.crc32(name.encode()) % 1000 + v)  # str hash() differs per process
     if name in ("top_a", "eta", "epsilon", "typical"):
         logits[4] *= 2.0  # a peakier row
     rows = [(SP(**(kw or {})), 0, 0) for kw in kws]
@@ -184,6 +186,15 @@ def test_sampler_rows_vs_numpy(name, v):
         want = fn(logits[i].astype(np.float64), kw)
         if name == "quadratic":  # raw values, not only the distribution
             np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-3)
+        if name == "typical" and not np.array_equal(np.isfinite(got[i]), np.isfinite(want)):
+            # fp32 cumulative sums may put the crossing token on the other side of a threshold it
+            # straddles: the kept set must then lie between those of tau -/+ 1e-5.
+            tau = kw["typical_p"]
+            lo = np.isfinite(fn(logits[i].astype(np.float64), {"typical_p": tau - 1e-5}))
+            hi = np.isfinite(fn(logits[i].astype(np.float64), {"typical_p": tau + 1e-5}))
+            kept = np.isfinite(got[i])
+            assert np.all(kept[lo]) and not np.any(kept & ~hi)
+            continue
         _same(got[i], want)
     if name not in ("dynatemp", "quadratic"):  # truncation samplers remove something in some row
         assert any(np.isfinite(got[i]).sum() < np.isfinite(logits[i]).sum() for i in range(1, len(kws)))
