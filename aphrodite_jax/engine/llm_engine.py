@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional, Union
 from aphrodite_jax.config import EngineConfig
 from aphrodite_jax.engine.request_state import RequestState
 from aphrodite_jax.engine.scheduler import Scheduler, SchedulerOutput
-from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from aphrodite_jax.engine.sequence import Sequence, SequenceGroup
 from aphrodite_jax.outputs import RequestOutput
 from aphrodite_jax.runner.compile_guard import forbid_compiles
 from aphrodite_jax.sampling_params import SamplingParams

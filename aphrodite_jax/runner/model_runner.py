@@ -43,16 +43,6 @@ class KVCacheSpec:
         return self.num_layers * block_size * 2 * self.num_kv_heads * self.head_dim * itemsize
 
 
-@dataclass
-class StepResult:
-    """Host copies of one step's sampler output, one row per requested sample."""
-
-    token_ids: np.ndarray  # i32[R]
-    logprobs: np.ndarray  # f32[R]
-    topk_ids: Optional[np.ndarray]  # i32[R, K] or None when no row asked for logprobs
-    topk_logprobs: Optional[np.ndarray]  # f32[R, K]
-
-
 def kv_cache_spec_for(model: Any, hf_config: Any, tp_size: int, dtype: Any) -> KVCacheSpec:
     if hasattr(model, "kv_cache_spec"):
         layers, heads, head_dim = model.kv_cache_spec(hf_config, tp_size)
@@ -122,13 +112,10 @@ class ModelRunner:
                     num, self.block_size, num * self.block_size, num * page_bytes / 2**30, cpu)
         return num, cpu
 
-    def _cache_sharding(self):
-        return self._kv_sharding
-
     def _allocate_caches(self) -> list[jax.Array]:
         s = self.kv_spec
         shape = (self.num_gpu_blocks, self.block_size, 2 * s.num_kv_heads, s.head_dim)
-        sharding = self._cache_sharding()
+        sharding = self._kv_sharding
         alloc = jax.jit(lambda: jnp.zeros(shape, s.dtype), out_shardings=sharding)
         return [alloc() for _ in range(s.num_layers)]
 
@@ -138,7 +125,7 @@ class ModelRunner:
     def _build_jits(self) -> None:
         """Jitted pure functions; `warmup()` compiles them ahead of time for every bucket."""
         graphdef, treedef = self._graphdef, self._treedef
-        cache_sharding = self._cache_sharding()
+        cache_sharding = self._kv_sharding
         n_layers = self.kv_spec.num_layers
 
         def forward(leaves, kv_caches, packed, *, num_tokens: int):
