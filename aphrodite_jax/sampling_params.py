@@ -28,14 +28,23 @@ class SamplingType(IntEnum):
 # Fields whose sampler is not implemented yet, with their neutral value. Setting any of them to
 # something else is a ValueError; a later issue removes entries as the samplers land.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "temperature_last": False,
     "use_beam_search": False,
+    # Python callables cannot run inside the jitted sampler; register a JAX step instead
+    # (aphrodite_jax.sampling.register_sampler, docs/samplers.md).
     "logits_processors": None,
-    "dry_multiplier": 0.0,
-    "sampler_priority": None,
-    "no_repeat_ngram_size": 0,
-    "token_ban_ranges": None,
 }
+
+# Aphrodite's SamplerID enum (spec 3.1 step 5): the ids and names `sampler_priority` accepts, mapped
+# to our registry's step names.
+SAMPLER_IDS: dict[int, tuple[str, str]] = {
+    0: ("TOP_P_TOP_K", "top_p_top_k"), 1: ("TOP_A", "top_a"), 2: ("MIN_P", "min_p"), 3: ("TFS", "tfs"),
+    4: ("TYPICAL_P", "typical_p"), 5: ("TEMPERATURE", "temperature"), 6: ("PENALTIES", "penalties"),
+    7: ("DRY", "dry"), 8: ("NO_REPEAT_NGRAM", "no_repeat_ngram"), 9: ("TOP_NSIGMA", "top_nsigma"),
+    10: ("ETA_CUTOFF", "eta_cutoff"), 11: ("EPSILON_CUTOFF", "epsilon_cutoff"),
+    12: ("QUADRATIC", "quadratic"), 13: ("XTC", "xtc"),
+}
+_SAMPLER_BY_NAME = {name.lower(): step for name, step in SAMPLER_IDS.values()}
+_SAMPLER_BY_NAME.update({step: step for _, step in SAMPLER_IDS.values()})
 
 
 def _is_default(name: str, value: Any, default: Any) -> bool:
@@ -105,6 +114,11 @@ class SamplingParams:
     token_ban_ranges: Optional[list[tuple]] = None
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    mirostat_mode: int = 0  # 0 off, 2 Mirostat v2 (v0.5.3 semantics; Kobold clients send it)
+    mirostat_tau: float = 0.0
+    mirostat_eta: float = 0.0
+    # Values of registered research samplers' fields (docs/samplers.md), by field name.
+    extra_args: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -142,6 +156,61 @@ class SamplingParams:
             self.temperature = 0.01
         if self.logit_bias is not None:
             self.logit_bias = self._clean_logit_bias(self.logit_bias)
+        self.token_ban_ranges = self._clean_ban_ranges(self.token_ban_ranges)
+        self.sampler_priority = self._clean_priority(self.sampler_priority)
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise ValueError("extra_args must be a dict of sampler field values")
+
+    @staticmethod
+    def _clean_ban_ranges(ranges: Any) -> Optional[list[tuple[list[int], int, int]]]:
+        """[(tokens, start, length), ...]: ban `tokens` while start <= output_len < start + length."""
+        if ranges is None or ranges == []:
+            return None
+        if not isinstance(ranges, (list, tuple)):
+            raise ValueError("token_ban_ranges must be a list of tuples")
+        out = []
+        for r in ranges:
+            if not isinstance(r, (tuple, list)) or len(r) != 3:
+                raise ValueError("token_ban_ranges must be a list of tuples (tokens, start, length)")
+            tokens, start, length = r
+            if isinstance(tokens, int) and not isinstance(tokens, bool):
+                tokens = [tokens]
+            if (not isinstance(tokens, (list, tuple))
+                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+                raise ValueError("token_ban_ranges: tokens must be a list of integers")
+            for v in (start, length):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise ValueError("token_ban_ranges: start and length must be non-negative integers")
+            out.append((list(tokens), start, length))
+        return out
+
+    @staticmethod
+    def _clean_priority(priority: Any) -> Optional[list[str]]:
+        """sampler_priority as registry step names; ids or case-insensitive names, all 14 required.
+        Names that are not Aphrodite's are kept for registered research samplers (checked by the
+        engine, which knows the registry)."""
+        if priority is None or priority == []:
+            return None
+        if not isinstance(priority, (list, tuple)):
+            raise ValueError("sampler_priority must be a list of integers or strings")
+        out: list[str] = []
+        for item in priority:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise ValueError("sampler_priority must be a list of integers or strings")
+            if isinstance(item, int):
+                if item not in SAMPLER_IDS:
+                    raise ValueError(f"Invalid sampler ID in priority list: {item}")
+                name = SAMPLER_IDS[item][1]
+            else:
+                name = _SAMPLER_BY_NAME.get(item.strip().lower(), item.strip())
+                if not name:
+                    raise ValueError(f"Invalid sampler ID in priority list: {item!r}")
+            if name not in out:  # duplicates are accepted; the first place counts
+                out.append(name)
+        missing = [n for n, step in SAMPLER_IDS.values() if step not in out]
+        if missing:
+            raise ValueError(f"Missing required samplers in priority list: {missing}")
+        return out
 
     @staticmethod
     def _clean_logit_bias(bias: dict) -> dict[int, float]:
@@ -230,6 +299,14 @@ class SamplingParams:
         if self.token_ban_ranges is not None and not all(
                 isinstance(r, (tuple, list)) for r in self.token_ban_ranges):
             raise ValueError("token_ban_ranges must be a list of tuples")
+        if self.mirostat_mode not in (0, 2):
+            raise ValueError(f"mirostat_mode must be 0 (off) or 2 (Mirostat v2), got {self.mirostat_mode}.")
+        if self.mirostat_mode == 2 and self.mirostat_tau <= 0.0:
+            raise ValueError(f"mirostat_tau must be positive when mirostat_mode is 2, got {self.mirostat_tau}.")
+        if self.mirostat_eta < 0.0:
+            raise ValueError(f"mirostat_eta must be non-negative, got {self.mirostat_eta}.")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size}.")
         if self.seed is not None and not -(2**63) <= self.seed <= _MAX_INT64:
             raise ValueError(f"seed must fit in int64, got {self.seed}.")
 

@@ -77,6 +77,7 @@ class LLMEngine:
         params = sampling_params
         params.verify_max_logprobs(self.config.max_logprobs)
         params.verify_vocab(self.runner.vocab_size)
+        self.sampler.verify(params)
         width = max(params.n, params.best_of or params.n)
         if width > self.config.scheduler.max_num_seqs:
             raise ValueError(f"n/best_of ({width}) cannot exceed max_num_seqs "

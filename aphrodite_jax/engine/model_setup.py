@@ -16,7 +16,8 @@ import numpy as np
 
 from aphrodite_jax.config import EngineConfig
 from aphrodite_jax.runner.model_runner import ModelRunner
-from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata
+from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata, needs_history
+from aphrodite_jax.sampling.registry import verify_params
 from aphrodite_jax.sampling.sampler import sample
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,15 @@ class DeviceSampler:
     """Turns per-draw SamplingRows into one padded SamplingMetadata and runs the jitted sampler.
 
     Variants compiled ahead of time: every sample bucket x {all greedy, some sampled} x {no logprobs,
-    max_logprobs}. Logprob requests always compute the top `max_logprobs`, so a new `logprobs` value
-    never recompiles.
+    max_logprobs} x {no token history, history of max_model_len}. Logprob requests always compute
+    the top `max_logprobs`, so a new `logprobs` value never recompiles; the metadata widths are pinned
+    (BIAS_WIDTH sparse biases/bans, DRY_WIDTH breakers, the history at max_model_len), so only a
+    request beyond those widths (more than 8 logit_bias/ban entries, more than 16 DRY breakers)
+    compiles a new variant, once.
     """
+
+    BIAS_WIDTH = 8
+    DRY_WIDTH = 16
 
     def __init__(self, runner: ModelRunner, vocab_size: int, max_logprobs: int, eos_token_ids: Sequence[int]):
         self.runner = runner
@@ -73,7 +80,15 @@ class DeviceSampler:
 
     def metadata(self, rows: Sequence[SamplingRow], batch_bucket: int):
         """Host arrays for one step's draws, padded to the sample bucket."""
-        return make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids)
+        history = self.runner.max_model_len if any(needs_history(r.params) for r in rows) else None
+        return make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids,
+                                      bias_width=self.BIAS_WIDTH, dry_width=self.DRY_WIDTH,
+                                      history_width=history)
+
+    @staticmethod
+    def verify(params: Any) -> None:
+        """Registry-level checks of a request (research step names, extra_args)."""
+        verify_params(params)
 
     def __call__(self, logits: jax.Array, md: Any, rows: Sequence[SamplingRow]) -> SampleResult:
         """Draw one token per row; `md` is this step's metadata, already on the device."""
@@ -89,11 +104,10 @@ class DeviceSampler:
                                           sharding=self.runner._replicated())
             for greedy in (True, False):
                 for k in (0, self.max_logprobs):
-                    for min_tokens in (0, 1):  # 1: the sparse-bias width that bans/min_tokens use
+                    for penalty in (1.0, 1.1):  # without / with the token history
                         params = SamplingParams(temperature=0.0 if greedy else 1.0, logprobs=k or None,
-                                                min_tokens=min_tokens, max_tokens=max(min_tokens, 1))
-                        md = make_sampling_metadata([SamplingRow(params, 0, 0)], b, self.vocab_size,
-                                                    eos_token_ids=self.eos_token_ids or (0,))
+                                                repetition_penalty=penalty)
+                        md = self.metadata([SamplingRow(params, 0, 0, (1,), ())], b)
                         md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
                             x.shape, x.dtype, sharding=self.runner._replicated()), md)
                         self._fn(logits, md, greedy, k)

@@ -11,6 +11,7 @@ from aphrodite_jax.engine.detokenizer import IncrementalDetokenizer, token_text
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from aphrodite_jax.engine.stop_checker import StopChecker
 from aphrodite_jax.outputs import CompletionOutput, Logprob, RequestOutput
+from aphrodite_jax.sampling.filters_history import mirostat_update
 from aphrodite_jax.sampling.metadata import SamplingRow
 from aphrodite_jax.sampling_params import SamplingParams, sequence_seed
 
@@ -25,6 +26,7 @@ class SeqState:
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     token_ids: list[int] = field(default_factory=list)
+    mirostat_mu: Optional[float] = None  # Mirostat v2 state (None: not started, 2 * tau)
 
 
 class RequestState:
@@ -64,13 +66,17 @@ class RequestState:
         st = self.seqs[seq.seq_id]
         seed = sequence_seed(self.seed, fork) if fork else st.seed
         return SamplingRow(self.params, seed, seq.get_output_len(), seq.prompt_token_ids,
-                           seq.output_token_ids)
+                           seq.output_token_ids, st.mirostat_mu)
 
     def append(self, seq: Sequence, draw: Any) -> bool:
         """Append one sampled token; returns True when the sequence finished."""
         st = self.seqs[seq.seq_id]
         seq.append_token(draw.token_id, draw.logprob)
         st.token_ids.append(draw.token_id)
+        if self.params.mirostat_mode == 2:
+            p = self.params
+            mu = 2.0 * p.mirostat_tau if st.mirostat_mu is None else st.mirostat_mu
+            st.mirostat_mu = mirostat_update(mu, draw.logprob, p.mirostat_tau, p.mirostat_eta)
         if st.logprobs is not None:
             st.logprobs.append(self._logprob_entry(draw))
         delta = st.detok.add_token(draw.token_id) if st.detok is not None else ""

@@ -23,6 +23,14 @@ def token_counts(ids: jax.Array, vocab_size: int) -> jax.Array:
     return jnp.zeros((b, vocab_size), jnp.int32).at[rows, ids].add(1, mode="drop")
 
 
+def history_parts(md):
+    """(history ids i32[B, H] with the padding as V, is_output bool[B, H])."""
+    h = md.history_ids
+    col = jnp.arange(h.shape[1])[None, :]  # [1, H]
+    is_out = col >= h.shape[1] - md.output_len[:, None]
+    return h, is_out
+
+
 @register_sampler(
     "penalties",
     fields={"repetition_penalty": (1.0, np.float32), "frequency_penalty": (0.0, np.float32),
@@ -33,12 +41,14 @@ def token_counts(ids: jax.Array, vocab_size: int) -> jax.Array:
 def penalties(logits, p, md):
     """Repetition over prompt+output, then frequency and presence over output tokens (spec 3.2).
 
-    The token history comes as padded id arrays (md.prompt_ids [B, Lp], md.output_ids [B, Lo]); the
-    [B, V] counts are built here on device with a scatter-add, so the host never sends [B, V] data.
+    The token history comes as a right-aligned id array (md.history_ids [B, H], the output being its
+    last md.output_len entries); the [B, V] counts are built here on device with a scatter-add, so the
+    host never sends [B, V] data.
     """
     v = logits.shape[-1]
-    out_counts = token_counts(md.output_ids, v)  # [B, V]
-    seen = (token_counts(md.prompt_ids, v) > 0) | (out_counts > 0)  # [B, V]
+    hist, is_out = history_parts(md)
+    out_counts = token_counts(jnp.where(is_out, hist, v), v)  # [B, V]
+    seen = token_counts(hist, v) > 0  # [B, V]
     rep = p["repetition_penalty"][:, None]  # [B, 1]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - p["frequency_penalty"][:, None] * out_counts.astype(logits.dtype)
@@ -127,3 +137,4 @@ def min_p(logits, p, md):
 
 
 from aphrodite_jax.sampling import filters_extra as _extra  # noqa: E402,F401  (registers more steps)
+from aphrodite_jax.sampling import filters_history as _history  # noqa: E402,F401  (DRY, n-gram, Mirostat)

@@ -12,11 +12,17 @@ Layout (padded rows are greedy and neutral; padded ids are `vocab_size`, which s
   the output token being drawn. The draw key is fold_in(key, output_index), so it never depends on
   the other rows.
 - bias_ids i32[B, Kb], bias_vals f32[B, Kb]: sparse additive logit changes, applied before the chain:
-  logit_bias (clamped to +-100), custom_token_bans (-inf) and, while the output is shorter than
-  min_tokens, the row's stop ids (EOS unless ignore_eos, plus stop_token_ids) (-inf).
+  logit_bias (clamped to +-100), custom_token_bans or the token_ban_ranges open at this output index
+  (-inf) and, while the output is shorter than min_tokens, the row's stop ids (EOS unless ignore_eos,
+  plus stop_token_ids) (-inf).
 - allowed_ids i32[B, Ka] + has_allowed bool[B]: allowed_token_ids mask.
-- prompt_ids i32[B, Lp], output_ids i32[B, Lo]: the token history for the penalties (counts are
-  built on device). Filled only for rows with a penalty; width 1 when no row has one.
+- history_ids i32[B, H]: prompt + output tokens, right-aligned (the newest token in the last column,
+  padding on the left), with history_len i32[B] and output_len i32[B] (the output is the last
+  output_len entries). Filled only for rows that use a history sampler (penalties, DRY,
+  no-repeat-ngram); width 1 when no row does.
+- order i32[B, C]: per row, the index (into registry.chain_steps()) of the step run at each position
+  of the reorderable chain (sampler_priority / temperature_last, per request).
+- dry_breakers i32[B, Kd]: DRY sequence-breaker ids.
 Widths are powers of two (>= 8 when used); pass fixed widths to pin the shapes.
 """
 from __future__ import annotations
@@ -28,7 +34,8 @@ import jax
 import numpy as np
 
 from aphrodite_jax.sampling import filters as _filters  # noqa: F401  (registers the built-in steps)
-from aphrodite_jax.sampling.registry import all_fields, host_values, registered_steps
+from aphrodite_jax.sampling.registry import (HISTORY_STEPS, all_fields, chain_steps, host_values,
+                                             registered_steps, row_order)
 from aphrodite_jax.sampling_params import SamplingParams
 
 _EPS = 1e-5
@@ -45,8 +52,11 @@ class SamplingMetadata:
     bias_vals: Any  # f32[B, Kb]
     allowed_ids: Any  # i32[B, Ka]
     has_allowed: Any  # bool[B]
-    prompt_ids: Any  # i32[B, Lp]
-    output_ids: Any  # i32[B, Lo]
+    history_ids: Any  # i32[B, H]
+    history_len: Any  # i32[B]
+    output_len: Any  # i32[B]
+    order: Any  # i32[B, C]
+    dry_breakers: Any  # i32[B, Kd]
 
     def replace(self, **kw: Any) -> "SamplingMetadata":
         return dataclasses.replace(self, **kw)
@@ -60,12 +70,11 @@ class SamplingRow(NamedTuple):
     output_index: int
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    mirostat_mu: Optional[float] = None  # the sequence's Mirostat state (None: initial, 2 * tau)
 
 
 def _width(n: int, fixed: Optional[int]) -> int:
-    if fixed is not None:
-        if n > fixed:
-            raise ValueError(f"{n} entries do not fit the fixed width {fixed}")
+    if fixed is not None and n <= fixed:
         return fixed
     if n == 0:
         return 1
@@ -83,11 +92,26 @@ def _has_penalty(sp: SamplingParams) -> bool:
             or sp.repetition_penalty > 1.0 + _EPS)
 
 
+def needs_history(sp: SamplingParams) -> bool:
+    """Whether the row's token history must go to the device (penalties, DRY, no-repeat-ngram)."""
+    return _has_penalty(sp) or sp.dry_multiplier > _EPS or sp.no_repeat_ngram_size > 0
+
+
+def _bans(sp: SamplingParams, output_len: int) -> list[int]:
+    """custom_token_bans, or (spec 3.1 step 4: they replace it) the token_ban_ranges open now."""
+    if sp.token_ban_ranges is None:
+        return list(sp.custom_token_bans or ())
+    return [t for tokens, start, length in sp.token_ban_ranges if start <= output_len < start + length
+            for t in tokens]
+
+
 def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: int, *,
                            eos_token_ids: Sequence[int] = (), bias_width: Optional[int] = None,
-                           allowed_width: Optional[int] = None, prompt_width: Optional[int] = None,
-                           output_width: Optional[int] = None) -> SamplingMetadata:
-    """Host NumPy arrays for `sample()`; rows are `SamplingRow`s or tuples in its field order."""
+                           allowed_width: Optional[int] = None, history_width: Optional[int] = None,
+                           dry_width: Optional[int] = None) -> SamplingMetadata:
+    """Host NumPy arrays for `sample()`; rows are `SamplingRow`s or tuples in its field order.
+
+    A fixed width is a floor: a row that needs more gets the next power of two (a new shape)."""
     rows = [r if isinstance(r, SamplingRow) else SamplingRow(*r) for r in rows]
     b = batch_bucket
     if len(rows) > b:
@@ -97,27 +121,39 @@ def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: i
     greedy = np.ones((b,), bool)
     key_data = np.zeros((b, 2), np.uint32)
     output_index = np.zeros((b,), np.int32)
+    chain = chain_steps()
+    order = np.tile(np.arange(len(chain), dtype=np.int32), (b, 1))
     biases: list[dict[int, float]] = []
     allowed: list[Optional[list[int]]] = []
-    hist: list[tuple[Sequence[int], Sequence[int]]] = []
+    hist: list[Optional[list[int]]] = []
+    out_lens = np.zeros((b,), np.int32)
+    breakers: list[list[int]] = []
     steps = registered_steps()
     for i, r in enumerate(rows):
         sp = r.params
         for step in steps:
             for name, val in host_values(step, sp).items():
                 params[name][i] = val
+        if "mirostat_mu" in params and sp.mirostat_mode == 2:
+            params["mirostat_mu"][i] = 2.0 * sp.mirostat_tau if r.mirostat_mu is None else r.mirostat_mu
         greedy[i] = sp.temperature < _EPS
         key_data[i] = seed_key_data(r.seed)
         output_index[i] = r.output_index
+        order[i] = row_order(sp, chain)
         bias: dict[int, float] = dict(sp.logit_bias or {})
-        for t in sp.custom_token_bans or ():
+        for t in _bans(sp, len(r.output_token_ids)):
             bias[t] = -np.inf
         if len(r.output_token_ids) < sp.min_tokens:
             for t in sp.all_stop_token_ids(eos_token_ids):
                 bias[t] = -np.inf
         biases.append(bias)
         allowed.append(list(sp.allowed_token_ids) if sp.allowed_token_ids is not None else None)
-        hist.append((r.prompt_token_ids, r.output_token_ids) if _has_penalty(sp) else ((), ()))
+        if needs_history(sp):
+            hist.append(list(r.prompt_token_ids) + list(r.output_token_ids))
+            out_lens[i] = len(r.output_token_ids)
+        else:
+            hist.append(None)
+        breakers.append(list(sp.dry_sequence_breaker_ids) if sp.dry_multiplier > _EPS else [])
 
     kb = _width(max((len(x) for x in biases), default=0), bias_width)
     bias_ids = np.full((b, kb), vocab_size, np.int32)
@@ -125,10 +161,12 @@ def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: i
     ka = _width(max((len(x) for x in allowed if x is not None), default=0), allowed_width)
     allowed_ids = np.full((b, ka), vocab_size, np.int32)
     has_allowed = np.zeros((b,), bool)
-    lp = _width(max((len(h[0]) for h in hist), default=0), prompt_width)
-    lo = _width(max((len(h[1]) for h in hist), default=0), output_width)
-    prompt_ids = np.full((b, lp), vocab_size, np.int32)
-    output_ids = np.full((b, lo), vocab_size, np.int32)
+    need_h = max((len(h) for h in hist if h is not None), default=0)
+    hw = _width(need_h, history_width)
+    history_ids = np.full((b, hw), vocab_size, np.int32)
+    history_len = np.zeros((b,), np.int32)
+    kd = _width(max((len(x) for x in breakers), default=0), dry_width)
+    dry_breakers = np.full((b, kd), vocab_size, np.int32)
     for i in range(len(rows)):
         if biases[i]:
             ids, vals = zip(*biases[i].items())
@@ -137,10 +175,12 @@ def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: i
         if allowed[i] is not None:
             has_allowed[i] = True
             allowed_ids[i, :len(allowed[i])] = allowed[i]
-        prompt_ids[i, :len(hist[i][0])] = hist[i][0]
-        output_ids[i, :len(hist[i][1])] = hist[i][1]
+        if hist[i]:
+            history_ids[i, hw - len(hist[i]):] = hist[i]
+            history_len[i] = len(hist[i])
+        dry_breakers[i, :len(breakers[i])] = breakers[i]
     return SamplingMetadata(params, greedy, key_data, output_index, bias_ids, bias_vals, allowed_ids,
-                            has_allowed, prompt_ids, output_ids)
+                            has_allowed, history_ids, history_len, out_lens, order, dry_breakers)
 
 
 def batch_statics(rows: Sequence[Any]) -> tuple[bool, int]:

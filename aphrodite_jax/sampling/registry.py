@@ -12,12 +12,14 @@ and, when the sampler becomes a SamplingParams field, removes it from
 `host(params)` when given); padded rows get the field's "off" value.
 
 Order: steps run in the spec's default order (section 3.1, `DEFAULT_ORDER`); a step whose name is not
-in it runs after the known ones, in registration order. Rows where a step is off are untouched
-(`jnp.where(active[:, None], new, old)`).
+in it runs after the known ones, in registration order. Each row may reorder this chain with
+`sampler_priority` (step names or Aphrodite's SamplerIDs; a research step is placed by its name) or
+`temperature_last`; the TAIL steps (mirostat, then the post-softmax skew) always run last. Rows where a
+step is off are untouched (`jnp.where(active[:, None], new, old)`).
 
 Cost of an unused step: `apply_samplers` wraps each step in `lax.cond(jnp.any(active), ...)`, so a
-step that no row of the batch uses is one [B]-sized reduction and a skipped branch, and a change of
-parameter VALUES never recompiles. A runner that wants the step gone from the program altogether can
+step that no row of the batch uses is a few [B]-sized reductions and a skipped branch, and a change of
+parameter values (orders included) never recompiles. A runner that wants the step gone from the program altogether can
 pass a static `only=frozenset(names)` (each distinct set then compiles once).
 """
 from __future__ import annotations
@@ -33,8 +35,10 @@ import numpy as np
 DEFAULT_ORDER: tuple[str, ...] = (
     "dry", "penalties", "no_repeat_ngram", "temperature", "top_nsigma", "top_p_top_k", "top_a",
     "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p", "quadratic", "xtc",
-    "skew",  # post-softmax (spec 3.1 step 6), after the chain
+    "mirostat", "skew",  # TAIL: Mirostat v2 on the final chain output, then skew (post-softmax)
 )
+TAIL: tuple[str, ...] = ("mirostat", "skew")
+HISTORY_STEPS: tuple[str, ...] = ("dry", "penalties", "no_repeat_ngram")
 
 StepFn = Callable[[jax.Array, dict, Any], jax.Array]
 
@@ -76,6 +80,62 @@ def registered_steps() -> list[SamplerStep]:
     return known + extra
 
 
+def chain_steps() -> list[SamplerStep]:
+    """The reorderable steps (everything but TAIL) in default order."""
+    return [s for s in registered_steps() if s.name not in TAIL]
+
+
+def tail_steps() -> list[SamplerStep]:
+    return [_REGISTRY[n] for n in TAIL if n in _REGISTRY]
+
+
+def row_order(params: Any, chain: Optional[list[SamplerStep]] = None) -> np.ndarray:
+    """i32[C]: per position, the index into `chain` of the step a request runs there.
+
+    sampler_priority first (unlisted steps keep their default relative order after the listed ones),
+    else temperature_last (temperature moves to just after XTC), else the default order."""
+    chain = chain_steps() if chain is None else chain
+    names = [s.name for s in chain]
+    default = np.arange(len(chain), dtype=np.int32)
+    priority = getattr(params, "sampler_priority", None)
+    if priority:
+        listed = [names.index(n) for n in priority if n in names]
+        if len(listed) != len(priority):
+            bad = [n for n in priority if n not in names]
+            raise ValueError(f"Invalid sampler ID in priority list: {bad[0]!r}")
+        return np.array(listed + [i for i in default if i not in listed], np.int32)
+    if getattr(params, "temperature_last", False) and "temperature" in names:
+        t = names.index("temperature")
+        rest = [i for i in default if i != t]
+        at = rest.index(names.index("xtc")) + 1 if "xtc" in names else len(rest)
+        return np.array(rest[:at] + [t] + rest[at:], np.int32)
+    return default
+
+
+def verify_params(params: Any) -> None:
+    """Checks what only the registry knows: research step names in sampler_priority and the
+    extra_args fields. Raises ValueError (a 400 at the API)."""
+    row_order(params)
+    extra = getattr(params, "extra_args", None) or {}
+    known = all_fields()
+    for name, value in extra.items():
+        if name not in known:
+            raise ValueError(f"extra_args: {name!r} is not a field of any registered sampler")
+        try:
+            np.asarray(value, dtype=known[name][1]).item()
+        except (TypeError, ValueError):
+            raise ValueError(f"extra_args: {name!r} must be a number, got {value!r}") from None
+
+
+def custom_field_names() -> set[str]:
+    """Fields of registered steps that are not SamplingParams attributes (research samplers): the
+    HTTP APIs accept them as top-level extra_body keys and pass them in `extra_args`."""
+    from aphrodite_jax.sampling_params import SamplingParams
+
+    attrs = set(SamplingParams.__dataclass_fields__)
+    return {f for f in all_fields() if f not in attrs and f != "mirostat_mu"}
+
+
 def all_fields() -> dict[str, tuple[Any, Any]]:
     """Every per-row field of every registered step: name -> (off value, dtype)."""
     out: dict[str, tuple[Any, Any]] = {}
@@ -88,7 +148,8 @@ def host_values(step: SamplerStep, params: Any) -> dict[str, Any]:
     """The values of `step`'s fields for one request."""
     if step.host is not None:
         return step.host(params)
-    return {f: getattr(params, f) for f in step.fields}
+    extra = getattr(params, "extra_args", None) or {}
+    return {f: extra[f] if f in extra else getattr(params, f, step.fields[f][0]) for f in step.fields}
 
 
 def active_step_names(p: dict[str, np.ndarray]) -> frozenset[str]:
@@ -96,16 +157,37 @@ def active_step_names(p: dict[str, np.ndarray]) -> frozenset[str]:
     return frozenset(s.name for s in registered_steps() if bool(np.any(s.active(p))))
 
 
+def _masked(step: SamplerStep, act: jax.Array, p: dict, md: Any) -> Callable[[jax.Array], jax.Array]:
+    def run(lg):
+        return jnp.where(act[:, None], step.fn(lg, p, md), lg)
+
+    return run
+
+
 def apply_samplers(logits: jax.Array, p: dict[str, jax.Array], md: Any,
                    only: Optional[frozenset[str]] = None) -> jax.Array:
-    """Runs every registered step over logits [B, V] in order; see the module docstring for costs."""
-    for step in registered_steps():
-        if only is not None and step.name not in only:
-            continue
-        act = step.active(p)  # bool[B]
+    """Runs the registered steps over logits [B, V], each row in its own order (`md.order`).
 
-        def _run(lg, step=step, act=act):
-            return jnp.where(act[:, None], step.fn(lg, p, md), lg)
+    A loop over chain positions: at position j each step runs (masked) for the rows that put it
+    there, behind a `lax.cond` on "any such row". A batch in the default order runs each step once;
+    measured at B=32, V=49152 on CPU this loop costs no more than an unrolled default chain, so
+    there is one program for every mix of orders. The TAIL steps follow, unrolled."""
+    def use(step):
+        return only is None or step.name in only
 
-        logits = jax.lax.cond(jnp.any(act), _run, lambda lg: lg, logits)
+    chain = chain_steps()
+
+    def position(j, lg):
+        col = md.order[:, j]  # i32[B]: the step each row runs at position j
+        for idx, step in enumerate(chain):
+            if use(step):
+                act = step.active(p) & (col == idx)
+                lg = jax.lax.cond(jnp.any(act), _masked(step, act, p, md), lambda x: x, lg)
+        return lg
+
+    logits = jax.lax.fori_loop(0, len(chain), position, logits)
+    for step in tail_steps():
+        if use(step):
+            act = step.active(p)
+            logits = jax.lax.cond(jnp.any(act), _masked(step, act, p, md), lambda lg: lg, logits)
     return logits

@@ -54,8 +54,7 @@ def apply_logits_processors(logits: jax.Array, md: SamplingMetadata) -> jax.Arra
     return jax.lax.cond(jnp.any(md.has_allowed), _allowed, lambda lg: lg, logits)
 
 
-def process_logits(logits: jax.Array, md: SamplingMetadata,
-                   only: Optional[frozenset[str]] = None) -> jax.Array:
+def apply_chain(logits: jax.Array, md: SamplingMetadata, only: Optional[frozenset[str]] = None) -> jax.Array:
     """logits f32[B, V] -> the final processed logits f32[B, V] the draw and the logprobs use."""
     logits = apply_logits_processors(logits.astype(jnp.float32), md)
     return apply_samplers(logits, md.params, md, only)
@@ -88,7 +87,7 @@ def sample(logits: jax.Array, md: SamplingMetadata, *, max_num_logprobs: int = 0
     max_num_logprobs (static): K of the returned top-k. all_greedy (static): skip the random draw.
     only (static, optional): restrict the chain to these step names (see registry.py on costs).
     """
-    processed = process_logits(logits, md, only)  # [B, V]
+    processed = apply_chain(logits, md, only)  # [B, V]
     logprobs = jax.nn.log_softmax(processed, axis=-1)  # [B, V]
     greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B]
     if all_greedy:
@@ -113,3 +112,6 @@ def prompt_logprobs(logits: jax.Array, next_ids: jax.Array, *, num_logprobs: int
     """
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [N, V]
     return PromptLogprobs(*_gather_logprobs(logprobs, next_ids.astype(jnp.int32), num_logprobs))
+
+
+apply_chain_jit = jax.jit(apply_chain, static_argnames=("only",))

@@ -55,6 +55,8 @@ def param_of(message: str, candidates: Optional[set[str]] = None) -> Optional[st
     for cand in sorted(candidates or (), key=len, reverse=True):
         if re.search(rf"\b{re.escape(cand)}\b", message):
             return cand
+    if "priority list" in message:
+        return "sampler_priority"
     if "logprobs" in message:
         return "logprobs"
     if "context length" in message:

@@ -64,6 +64,7 @@ SAMPLER_FIELDS = (
     "xtc_probability", "nsigma", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_range",
     "dry_max_ngram", "dry_max_occurrences", "dry_early_exit_match_len", "skew", "sampler_priority",
     "no_repeat_ngram_size", "token_ban_ranges", "logit_bias", "allowed_token_ids",
+    "mirostat_mode", "mirostat_tau", "mirostat_eta", "extra_args",
 )
 
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -126,6 +127,12 @@ class SamplingRequestBase(OpenAIBaseModel):
     token_ban_ranges: Optional[list[list[Any]]] = None
     logit_bias: Optional[dict[str, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    mirostat_mode: int = 0
+    mirostat_tau: float = 0.0
+    mirostat_eta: float = 0.0
+    # Fields of registered research samplers (docs/samplers.md). Clients may also send them as
+    # top-level keys; `_collect_research_fields` moves those here.
+    extra_args: Optional[dict[str, Any]] = None
     prompt_logprobs: Optional[int] = None
 
     stream: bool = False
@@ -145,6 +152,22 @@ class SamplingRequestBase(OpenAIBaseModel):
     store: Optional[bool] = None
     metadata: Optional[dict[str, Any]] = None
     service_tier: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_research_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from aphrodite_jax.sampling.registry import custom_field_names
+
+        names = custom_field_names() - set(cls.model_fields)
+        found = {k: data[k] for k in names if k in data}
+        if not found:
+            return data
+        data = {k: v for k, v in data.items() if k not in found}
+        extra = data.get("extra_args")
+        data["extra_args"] = {**found, **(extra if isinstance(extra, dict) else {})}
+        return data
 
     def to_sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields the client set (defaults stay SamplingParams' own)."""

@@ -108,7 +108,11 @@ BAD = [
     ({"model": "m1", "prompt": "hi", "seed": -5}, 400, "seed"),
     ({"model": "m1", "prompt": "hi", "min_pp": 0.1}, 400, "min_pp"),
     ({"model": "m1", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-    ({"model": "m1", "prompt": "hi", "dry_multiplier": 0.8}, 400, "dry_multiplier"),  # not built yet
+    ({"model": "m1", "prompt": "hi", "dry_multiplier": 0.8, "dry_base": 0.5}, 400, "dry_base"),
+    ({"model": "m1", "prompt": "hi", "sampler_priority": [0, 1]}, 400, "sampler_priority"),
+    ({"model": "m1", "prompt": "hi", "sampler_priority": [0, 99]}, 400, "sampler_priority"),
+    ({"model": "m1", "prompt": "hi", "mirostat_mode": 1}, 400, "mirostat_mode"),
+    ({"model": "m1", "prompt": "hi", "token_ban_ranges": [[1, 2]]}, 400, "token_ban_ranges"),
     ({"model": "m1", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "m1", "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"model": "m1"}, 400, "prompt"),

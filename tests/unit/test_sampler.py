@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from aphrodite_jax.sampling.sampler import (make_sampling_metadata, process_logits, prompt_logprobs,
+from aphrodite_jax.sampling.sampler import (make_sampling_metadata, apply_chain, prompt_logprobs,
                                             sample, seed_key_data)
+from aphrodite_jax.sampling import process_logits
 from aphrodite_jax.sampling_params import SamplingParams as SP
 
 B, V = 8, 64
-_process = jax.jit(process_logits)  # one compiled program shared by the filter tests
-WIDTHS = dict(bias_width=8, allowed_width=8, prompt_width=16, output_width=16)  # one shape for all tests
+_process = jax.jit(apply_chain)  # one compiled program shared by the filter tests
+WIDTHS = dict(bias_width=8, allowed_width=8, history_width=32, dry_width=8)  # one shape for all tests
 
 
 def _md(rows, **kw):
@@ -77,9 +78,16 @@ def _assert_same_distribution(got, want):
     np.testing.assert_allclose(got_lp[fin], want_lp[fin], rtol=1e-4, atol=1e-4)
 
 
+def via_api(rows, logits):
+    """The research API `aphrodite_jax.sampling.process_logits` on (params, seed, idx[, prompt,
+    output]) rows: the engine's chain over a [B, V] array."""
+    params = [r[0] for r in rows]
+    hist = [(list(r[3]) if len(r) > 3 else [], list(r[4]) if len(r) > 4 else []) for r in rows]
+    return np.asarray(process_logits(logits[:len(rows)], params, hist, seeds=[r[1] for r in rows]))
+
+
 def _check_rows(rows, logits):
-    md = _md(rows)
-    got = np.asarray(_process(jnp.asarray(logits), jax.device_put(md)))
+    got = via_api(rows, logits)
     for i, r in enumerate(rows):
         _assert_same_distribution(got[i], np_chain(logits[i], r[0], *r[3:]))
     return got
@@ -119,8 +127,7 @@ def test_penalties_rows():
             (SP(presence_penalty=-1.2), 0, 0, prompt, out),
             (SP(repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.4), 0, 0, prompt, out),
             (SP(repetition_penalty=2.0, temperature=0.7, top_k=20), 0, 0, [5], [])]
-    md = _md(rows)
-    got = np.asarray(_process(jnp.asarray(logits), jax.device_put(md)))
+    got = via_api(rows, logits)
     for i, r in enumerate(rows[:5]):  # penalties alone: compare raw values, not just the distribution
         want = np_penalties(logits[i], prompt, out, r[0].repetition_penalty, r[0].frequency_penalty,
                             r[0].presence_penalty)
@@ -278,7 +285,7 @@ def test_registry_adds_a_step_only_for_active_rows():
         rows = [(SP(seed=42), 42, 0), (SP(seed=1), 1, 0)]
         md = _md(rows)
         np.testing.assert_array_equal(md.params["test_shift"][:2], [3.0, 0.0])
-        got = np.asarray(jax.jit(process_logits)(jnp.asarray(logits), jax.device_put(md)))
+        got = np.asarray(jax.jit(apply_chain)(jnp.asarray(logits), jax.device_put(md)))
         np.testing.assert_allclose(got[0, 0], logits[0, 0] + 3.0, rtol=1e-6)
         np.testing.assert_array_equal(got[1:], logits[1:])
     finally:

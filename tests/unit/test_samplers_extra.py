@@ -8,12 +8,13 @@ import pytest
 
 from aphrodite_jax.sampling.filters_extra import xtc_coins
 from aphrodite_jax.sampling.registry import registered_steps
-from aphrodite_jax.sampling.sampler import make_sampling_metadata, process_logits
+from aphrodite_jax.sampling.sampler import make_sampling_metadata, apply_chain
+from aphrodite_jax.sampling import process_logits
 from aphrodite_jax.sampling_params import SamplingParams as SP
 
 B = 8
-_process = jax.jit(process_logits)
-WIDTHS = dict(bias_width=8, allowed_width=8, prompt_width=8, output_width=8)
+_process = jax.jit(apply_chain)
+WIDTHS = dict(bias_width=8, allowed_width=8, history_width=16, dry_width=8)
 VOCABS = (1000, 49152)
 
 
@@ -140,8 +141,12 @@ def _same(got, want):
 
 
 def _run(rows, logits):
+    """Through the research API (aphrodite_jax.sampling.process_logits), plus the equivalent
+    metadata (for XTC's coins: output index = the length of the output history given)."""
     md = _md(rows, logits.shape[1])
-    return np.asarray(_process(jnp.asarray(logits), jax.device_put(md))), md
+    hist = [((), [0] * r[2]) for r in rows]
+    got = process_logits(logits[:len(rows)], [r[0] for r in rows], hist, seeds=[r[1] for r in rows])
+    return np.asarray(got), md
 
 
 # (sampler, SamplingParams kwargs per row (None = off row), numpy function of (row logits, kwargs))
@@ -298,7 +303,7 @@ def test_greedy_rows_ignore_dynatemp_and_supported_fields():
 def test_parameter_values_do_not_recompile():
     v = 1000
     logits = jnp.asarray(_logits(v, 41))
-    f = jax.jit(process_logits)
+    f = jax.jit(apply_chain)
     f(logits, jax.device_put(_md([(SP(tfs=0.9, xtc_probability=0.5, skew=0.3, nsigma=1.0), 1, 0)], v)))
     size = f._cache_size()
     for sp in (SP(tfs=0.5, typical_p=0.3, dynatemp_min=0.1, dynatemp_max=2.0), SP(eta_cutoff=4.0, top_a=0.3),
