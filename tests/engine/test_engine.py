@@ -73,7 +73,7 @@ def test_no_compiles_after_warmup(llm):
     prompts, params = [], []
     for i in range(200):
         prompts.append(random_prompt(rng, rng.choice([1, 3, 17, 40, 90])))
-        kind = i % 6
+        kind = i % 8
         if kind == 0:
             sp = SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 8))
         elif kind == 1:
@@ -84,15 +84,25 @@ def test_no_compiles_after_warmup(llm):
             sp = SamplingParams(temperature=1.0, n=2, best_of=3, max_tokens=4, seed=i)
         elif kind == 4:
             sp = SamplingParams(temperature=0.0, min_tokens=4, max_tokens=8, stop=["\n", "."])
-        else:
+        elif kind == 5:
             sp = SamplingParams(temperature=0.5, max_tokens=8, stop_token_ids=[13, 28], ignore_eos=True)
+        elif kind == 6:  # every history sampler, its own order, a ban window (issue 5)
+            sp = SamplingParams(temperature=0.8, repetition_penalty=1.2, frequency_penalty=0.3,
+                                dry_multiplier=0.8, dry_sequence_breaker_ids=[13], no_repeat_ngram_size=3,
+                                sampler_priority=list(range(14))[::-1], token_ban_ranges=[([28], 0, 2)],
+                                max_tokens=rng.randint(1, 8), seed=i)
+        else:
+            sp = SamplingParams(temperature=1.0, mirostat_mode=2, mirostat_tau=4.0, mirostat_eta=0.1,
+                                xtc_probability=0.5, temperature_last=True, top_a=0.1, tfs=0.9, eta_cutoff=3,
+                                epsilon_cutoff=3, typical_p=0.9, smoothing_factor=0.2, nsigma=2.0,
+                                skew=0.1, dynatemp_min=0.5, dynatemp_max=1.5, max_tokens=6)
         params.append(sp)
     before = COUNTER.compiles
     with forbid_compiles():
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert COUNTER.compiles == before
     assert len(outs) == 200 and all(o.finished for o in outs)
-    assert [len(o.outputs) for o in outs[3::6]] == [2] * len(outs[3::6])
+    assert [len(o.outputs) for o in outs[3::8]] == [2] * len(outs[3::8])
     assert_all_pages_free(llm)
 
 
