@@ -199,7 +199,8 @@ class SamplingParams:
                 raise ValueError("sampler_priority must be a list of integers or strings")
             if isinstance(item, int):
                 if item not in SAMPLER_IDS:
-                    raise ValueError(f"Invalid sampler ID in priority list: {item}")
+                    raise ValueError(f"Invalid sampler ID in priority list: {item} (sampler_priority takes "
+                                     "ids 0-13 or names)")
                 name = SAMPLER_IDS[item][1]
             else:
                 name = _SAMPLER_BY_NAME.get(item.strip().lower(), item.strip())
@@ -209,7 +210,8 @@ class SamplingParams:
                 out.append(name)
         missing = [n for n, step in SAMPLER_IDS.values() if step not in out]
         if missing:
-            raise ValueError(f"Missing required samplers in priority list: {missing}")
+            raise ValueError(f"Missing required samplers in priority list: {missing} "
+                             "(sampler_priority must list all 14 samplers)")
         return out
 
     @staticmethod
