@@ -28,7 +28,6 @@ class SamplingType(IntEnum):
 # Fields whose sampler is not implemented yet, with their neutral value. Setting any of them to
 # something else is a ValueError; a later issue removes entries as the samplers land.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_beam_search": False,
     # Python callables cannot run inside the jitted sampler; register a JAX step instead
     # (aphrodite_jax.sampling.register_sampler, docs/samplers.md).
     "logits_processors": None,

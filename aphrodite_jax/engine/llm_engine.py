@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
 from aphrodite_jax.config import EngineConfig
+from aphrodite_jax.engine.beam_search import BeamGroup
 from aphrodite_jax.engine.request_state import RequestState
 from aphrodite_jax.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup
@@ -98,6 +99,8 @@ class LLMEngine:
                              prompt_token_ids=prompt_token_ids, tokenizer=self.tokenizer,
                              eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
         state.init_seq(seq, index=0)
+        if params.use_beam_search:
+            state.beam = BeamGroup(state, self.eos_token_ids, self.config.max_logprobs)
         self.requests[request_id] = state
         self.scheduler.add_seq_group(group)
 
@@ -185,9 +188,15 @@ class LLMEngine:
 
     def _process(self, out: SchedulerOutput, samples) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
+        beams: dict[str, RequestState] = {}
         for i, seq, fork, sample in samples:
             state = self.requests.get(seq_group_id := out.scheduled[i].group.request_id)
             if state is None:
+                continue
+            if state.beam is not None:  # beam search steps once every beam has its draw
+                state.beam.add_draw(seq, sample)
+                beams[seq_group_id] = state
+                self.stats.generation_tokens += 1
                 continue
             target = seq
             if fork > 0:
@@ -198,6 +207,9 @@ class LLMEngine:
             if finished:
                 self.scheduler.free_seq(target)
             touched[seq_group_id] = state
+        for rid, state in beams.items():  # a beam request reports only its final output
+            if state.beam.step(self.scheduler, lambda: next(self._seq_ids)):
+                touched[rid] = state
         outputs = []
         for rid, state in touched.items():
             output = state.to_output()

@@ -42,6 +42,7 @@ class RequestState:
         self.stop_checker = StopChecker(max_model_len, eos_token_ids)
         self.best_of = params.best_of or params.n
         self.seqs: dict[int, SeqState] = {}
+        self.beam: Optional[Any] = None  # a BeamGroup (engine/beam_search.py) for beam search requests
         # One entry per prompt token (None for the first, which nothing predicts).
         self.prompt_logprobs: Optional[list] = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
@@ -58,14 +59,15 @@ class RequestState:
 
     def num_draws(self, seq: Sequence) -> int:
         """best_of draws from the prompt's logits on the first sample (the siblings fork from it)."""
-        if self.best_of > 1 and seq.get_output_len() == 0 and self.group.num_seqs() == 1:
+        if self.best_of > 1 and seq.get_output_len() == 0 and self.group.num_seqs() == 1 and not self.beam:
             return self.best_of
         return 1
 
     def sample_spec(self, seq: Sequence, fork: int) -> SamplingRow:
         st = self.seqs[seq.seq_id]
         seed = sequence_seed(self.seed, fork) if fork else st.seed
-        return SamplingRow(self.params, seed, seq.get_output_len(), seq.prompt_token_ids,
+        params = self.beam.device_params if self.beam is not None else self.params
+        return SamplingRow(params, seed, seq.get_output_len(), seq.prompt_token_ids,
                            seq.output_token_ids, st.mirostat_mu)
 
     def append(self, seq: Sequence, draw: Any) -> bool:
@@ -124,6 +126,8 @@ class RequestState:
                                 finish_reason=st.finish_reason, stop_reason=st.stop_reason)
 
     def to_output(self) -> RequestOutput:
+        if self.beam is not None:
+            return self.beam.to_output()
         finished = self.group.is_finished()
         pairs = [(seq, self.seqs[seq.seq_id]) for seq in self.group.get_seqs()]
         if finished and len(pairs) > self.params.n:
