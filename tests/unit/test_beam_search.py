@@ -232,3 +232,42 @@ def test_unfinished_request_reports_nothing_and_waits_for_every_beam():
     assert state.beam.ready()
     state.beam.step(sched, lambda: next(ids))
     assert {s.get_output_len() for s in state.group.get_unfinished_seqs()} == {3}
+
+
+@pytest.mark.parametrize("num_cpu", [0, 64])  # preempted by recompute, or by swap
+def test_preempted_beam_requests_give_the_same_beams(num_cpu):
+    """Three 4-beam requests in a cache too small for all: preemption (every beam re-prefilled and
+    sampled again, or swapped out and back) does not change any request's beams."""
+    prompts = [[5, 6, 7, 8, 9], [2, 4, 6, 8, 10, 12], [11, 3, 7]]
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16), CacheConfig(block_size=BS), 14, num_cpu, 256)
+    states = {}
+    for i, p in enumerate(prompts):
+        params = SamplingParams(use_beam_search=True, best_of=4, n=4, temperature=0.0, max_tokens=14,
+                                early_stopping="never")
+        seq = Sequence(i * 1000, list(p), BS)
+        group = SequenceGroup(str(i), [seq], float(i), params)
+        st = RequestState(group=group, params=params, seed=0, prompt=None, prompt_token_ids=list(p),
+                          tokenizer=None, eos_token_ids=(EOS,), max_model_len=256)
+        st.init_seq(seq, index=0)
+        st.beam = BeamGroup(st, (EOS,), TOPK)
+        states[str(i)] = st
+        sched.add_seq_group(group)
+    ids = iter(range(1, 10_000))
+    for _ in range(400):
+        if not sched.has_unfinished_seqs():
+            break
+        out = sched.schedule()
+        sched.on_step_done(out)
+        for r in out.scheduled:
+            if r.do_sample:
+                states[r.group.request_id].beam.add_draw(r.seq, toy_draw(r.seq.token_ids))
+        for st in states.values():
+            if not st.group.is_finished():
+                st.beam.step(sched, lambda: next(ids))
+        sched.free_finished_seq_groups()
+    assert sched.num_preemptions > 0 and not sched.has_unfinished_seqs()
+    for i, p in enumerate(prompts):
+        want = run_bare(p, 4, 14, early_stopping="never")
+        assert [o.token_ids for o in states[str(i)].to_output().outputs] == [w[0] for w in want]
+    bm = sched.block_manager
+    assert bm.num_free_gpu_blocks == bm.num_gpu_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
