@@ -52,8 +52,8 @@ class DeviceSampler:
     Variants compiled ahead of time: every sample bucket x {all greedy, some sampled} x {no logprobs,
     max_logprobs} x {no token history, history of max_model_len}. Logprob requests always compute
     the top `max_logprobs`, so a new `logprobs` value never recompiles; the metadata widths are pinned
-    (BIAS_WIDTH sparse biases/bans, DRY_WIDTH breakers, the history at max_model_len), so only a
-    request beyond those widths (more than 8 logit_bias/ban entries, more than 16 DRY breakers)
+    (BIAS_WIDTH sparse biases/bans and allowed ids, DRY_WIDTH breakers, the history at max_model_len), so only a
+    request beyond those widths (more than 8 logit_bias/ban entries or allowed ids, more than 16 DRY breakers)
     compiles a new variant, once.
     """
 
@@ -82,7 +82,8 @@ class DeviceSampler:
         """Host arrays for one step's draws, padded to the sample bucket."""
         history = self.runner.max_model_len if any(needs_history(r.params) for r in rows) else None
         return make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids,
-                                      bias_width=self.BIAS_WIDTH, dry_width=self.DRY_WIDTH,
+                                      bias_width=self.BIAS_WIDTH, allowed_width=self.BIAS_WIDTH,
+                                      dry_width=self.DRY_WIDTH,
                                       history_width=history)
 
     @staticmethod
