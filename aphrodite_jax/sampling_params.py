@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, Optional, Union
 
+from aphrodite_jax.guided.params import GuidedDecodingParams
+
 _SAMPLING_EPS = 1e-5
 _MAX_INT64 = 2**63 - 1
 
@@ -118,10 +120,15 @@ class SamplingParams:
     mirostat_eta: float = 0.0
     # Values of registered research samplers' fields (docs/samplers.md), by field name.
     extra_args: Optional[dict[str, Any]] = None
+    guided_decoding: Optional[GuidedDecodingParams] = None  # aphrodite_jax/guided
 
     def __post_init__(self) -> None:
         self._normalize()
         self._verify_args()
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, GuidedDecodingParams):
+                raise ValueError("guided_decoding must be a GuidedDecodingParams")
+            self.guided_decoding.verify()
         if self.use_beam_search:
             self._verify_beam_search()
         else:

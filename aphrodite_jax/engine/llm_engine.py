@@ -61,6 +61,10 @@ class LLMEngine:
         self._rng = random.Random(config.model.seed)
         self.stats = EngineStats()
         stack.warmup()
+        from aphrodite_jax.guided.manager import GuidedDecoding
+
+        self.guided = GuidedDecoding(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
+        self.guided.warmup(self.runner.sample_buckets, self.runner._device_put)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,
@@ -92,12 +96,14 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary")
+        guide = self.guided.compile(params.guided_decoding) if params.guided_decoding else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         seq = Sequence(next(self._seq_ids), prompt_token_ids, self.config.cache.block_size)
         group = SequenceGroup(request_id, [seq], arrival_time or time.time(), params)
         state = RequestState(group=group, params=params, seed=seed, prompt=prompt,
                              prompt_token_ids=prompt_token_ids, tokenizer=self.tokenizer,
-                             eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
+                             eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                             guide=guide)
         state.init_seq(seq, index=0)
         if params.use_beam_search:
             state.beam = BeamGroup(state, self.eos_token_ids, self.config.max_logprobs)
@@ -173,6 +179,10 @@ class LLMEngine:
             bucket = self.runner.buckets_for(sum(len(r[0]) for r in rows), len(specs))[1]
             md = self.sampler.metadata(specs, bucket)
         logits, md = self.runner.run_model(rows, sample_rows, md)
+        if sample_rows:  # guided rows: the host fills masks while the device runs the model
+            mask = self.guided.bitmask([state.guide_state(seq) for _, seq, _, state in draws], logits.shape[0])
+            if mask is not None:
+                logits = self.guided.apply(logits, self.runner._device_put(mask))
         if plp:
             idx = [off + p - start for state, start, end, off in plp for p in range(start, end)]
             nxt = [state.prompt_token_ids[p + 1] for state, start, end, _ in plp for p in range(start, end)]

@@ -4,16 +4,19 @@ Pure Python (no JAX). The engine owns one RequestState per live request; the sch
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from aphrodite_jax.engine.detokenizer import IncrementalDetokenizer, token_text
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
-from aphrodite_jax.engine.stop_checker import StopChecker
+from aphrodite_jax.engine.stop_checker import StopChecker, StopResult
 from aphrodite_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite_jax.sampling.filters_history import mirostat_update
 from aphrodite_jax.sampling.metadata import SamplingRow
 from aphrodite_jax.sampling_params import SamplingParams, sequence_seed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,13 +30,15 @@ class SeqState:
     stop_reason: Any = None
     token_ids: list[int] = field(default_factory=list)
     mirostat_mu: Optional[float] = None  # Mirostat v2 state (None: not started, 2 * tau)
+    guide: Any = None  # this sequence's GuideState when the request is guided
 
 
 class RequestState:
     def __init__(self, *, group: SequenceGroup, params: SamplingParams, seed: int, prompt: Optional[str],
                  prompt_token_ids: list[int], tokenizer: Any, eos_token_ids: tuple[int, ...],
-                 max_model_len: int):
+                 max_model_len: int, guide: Any = None):
         self.group = group
+        self.guide = guide  # the request's CompiledGuide (aphrodite_jax/guided), or None
         self.params = params
         self.seed = seed
         self.prompt = prompt
@@ -56,6 +61,14 @@ class RequestState:
                                            spaces_between_special_tokens=self.params.spaces_between_special_tokens)
         self.seqs[seq.seq_id] = SeqState(index=index, seed=sequence_seed(self.seed, index), detok=detok,
                                          logprobs=[] if self.params.logprobs is not None else None)
+        if self.guide is not None:
+            state = self.guide.new_state()
+            for t in seq.output_token_ids:  # a fork resumes from the tokens it inherited
+                state.accept(t)
+            self.seqs[seq.seq_id].guide = state
+
+    def guide_state(self, seq: Sequence) -> Any:
+        return self.seqs[seq.seq_id].guide
 
     def num_draws(self, seq: Sequence) -> int:
         """best_of draws from the prompt's logits on the first sample (the siblings fork from it)."""
@@ -73,6 +86,7 @@ class RequestState:
     def append(self, seq: Sequence, draw: Any) -> bool:
         """Append one sampled token; returns True when the sequence finished."""
         st = self.seqs[seq.seq_id]
+        rejected = st.guide is not None and not st.guide.accept(draw.token_id)
         seq.append_token(draw.token_id, draw.logprob)
         st.token_ids.append(draw.token_id)
         if self.params.mirostat_mode == 2:
@@ -86,6 +100,12 @@ class RequestState:
         res = self.stop_checker.check(self.params, token_id=draw.token_id, new_text=delta,
                                       output_text=st.text, num_output_tokens=seq.get_output_len(),
                                       num_prompt_tokens=len(self.prompt_token_ids))
+        if rejected and not res.finished:
+            # Only when samplers removed every token the guide allowed (e.g. min_tokens banning the
+            # EOS a finished guide needs): end here rather than generate outside the guide.
+            logger.warning("request %s: sampled token %d is outside its guide; finishing the sequence",
+                           self.group.request_id, draw.token_id)
+            res = StopResult("stop", None, len(st.text))
         if not res.finished:
             return False
         if st.detok is not None and res.text_len == len(st.text):
