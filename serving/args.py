@@ -95,6 +95,11 @@ SERVER_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--disable-log-stats",), _FLAG, "do not log throughput/queue statistics"),
     (("--served-model-name",), {"nargs": "+"},
      "model name(s) the API answers to; the first is reported (default: the model path)"),
+    (("--guided-decoding-backend",), {"choices": ("xgrammar", "outlines")},
+     "guided decoding backend for requests that name none (default: xgrammar)"),
+    (("--enable-auto-tool-choice",), _FLAG, "allow tool_choice \"auto\" (needs --tool-call-parser)"),
+    (("--tool-call-parser",), {"choices": ("hermes", "llama3_json")},
+     "how tool calls are parsed from the model's text for tool_choice \"auto\""),
 ]
 
 ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
@@ -126,15 +131,15 @@ UNSUPPORTED_FLAGS: list[tuple[tuple[str, ...], Any]] = [
     (("--ssl-keyfile",), None), (("--ssl-certfile",), None), (("--ssl-ca-certs",), None),
     (("--ssl-cert-reqs",), None), (("--root-path",), None), (("--middleware",), None),
     (("--launch-kobold-api",), 0), (("--disable-frontend-multiprocessing",), 0),
-    (("--allow-inline-model-loading",), 0), (("--enable-auto-tool-choice",), 0),
-    (("--tool-call-parser",), None), (("--tool-parser-plugin",), None), (("--uvloop",), 0),
+    (("--allow-inline-model-loading",), 0),
+    (("--tool-parser-plugin",), None), (("--uvloop",), 0),
     (("--tokenizer-mode",), None), (("--revision",), None), (("--trust-remote-code",), 0),
     (("--download-dir",), None), (("-pp", "--pipeline-parallel-size"), None),
     (("--distributed-executor-backend",), None), (("-q", "--quantization"), None),
     (("--deepspeed-fp-bits",), None), (("--quant-llm-fp-bits",), None),
     (("--quant-llm-exp-bits",), None), (("--kv-cache-dtype",), None), (("--cpu-offload-gb",), None),
     (("--enforce-eager",), "?"), (("--max-seq-len-to-capture",), None),
-    (("--guided-decoding-backend",), None), (("--scheduling-policy",), None),
+    (("--scheduling-policy",), None),
     (("--single-user-mode",), 0), (("--num-scheduler-steps",), None), (("--enable-lora",), 0),
     (("--max-loras",), None), (("--max-lora-rank",), None), (("--max-cpu-loras",), None),
     (("--enable-prompt-adapter",), 0), (("--speculative-model",), None),
@@ -145,7 +150,8 @@ UNSUPPORTED_FLAGS: list[tuple[tuple[str, ...], Any]] = [
 
 SERVING_KEYS = {"host", "port", "uvicorn_log_level", "api_keys", "admin_key", "chat_template",
                 "response_role", "max_log_len", "return_tokens_as_token_ids", "disable_log_requests",
-                "disable_log_stats", "served_model_name"}
+                "disable_log_stats", "served_model_name", "guided_decoding_backend",
+                "enable_auto_tool_choice", "tool_call_parser"}
 ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_format", "max_logprobs",
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",

@@ -24,6 +24,9 @@ class ServingConfig:
     api_keys: list[str] = field(default_factory=list)
     admin_key: Optional[str] = None
     max_request_body_bytes: int = 8 * 2**20
+    guided_decoding_backend: str = "xgrammar"  # for requests that name none (aphrodite_jax/guided)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
+    tool_call_parser: Optional[str] = None  # serving/openai/tool_parsers: hermes, llama3_json
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -34,3 +37,16 @@ class ServingConfig:
             raise ValueError(f"unknown uvicorn log level {self.uvicorn_log_level!r}")
         if not self.response_role:
             raise ValueError("response_role must not be empty")
+        from aphrodite_jax.guided.params import BACKENDS
+
+        if self.guided_decoding_backend not in BACKENDS:
+            raise ValueError(f"unknown guided decoding backend {self.guided_decoding_backend!r}; choose one "
+                             f"of {', '.join(BACKENDS)}")
+        if self.tool_call_parser is not None:
+            from serving.openai.tool_parsers import PARSERS
+
+            if self.tool_call_parser not in PARSERS:
+                raise ValueError(f"unknown tool call parser {self.tool_call_parser!r}; choose one of "
+                                 f"{', '.join(PARSERS)}")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")

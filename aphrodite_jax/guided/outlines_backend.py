@@ -44,6 +44,26 @@ def token_bytes_map(tokenizer: Any) -> dict[bytes, list[int]]:
     return out
 
 
+# Schema keywords build_regex_from_schema ignores: a guide that silently dropped them could emit
+# invalid output, so the outlines backend refuses them.
+_UNENFORCED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+
+
+def _keywords(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        out = set(node)
+        for key, value in node.items():
+            if key in ("properties", "patternProperties", "$defs", "definitions") and isinstance(value, dict):
+                for sub in value.values():  # the names here are property names, not keywords
+                    out |= _keywords(sub)
+            elif key not in ("enum", "const", "default", "examples"):
+                out |= _keywords(value)
+        return out
+    if isinstance(node, list):
+        return set().union(*(_keywords(v) for v in node)) if node else set()
+    return set()
+
+
 class _State(GuideState):
     def __init__(self, guide, eos: int, extra_eos: tuple[int, ...], width: int):
         self.guide = guide
@@ -116,6 +136,11 @@ class OutlinesBackend(GuideBackend):
 
         if kind not in self.kinds:
             raise GuideError(f"the outlines backend cannot compile a {kind} guide")
+        if kind == "json":
+            found = sorted(_UNENFORCED & _keywords(spec))
+            if found:
+                raise GuideError(f"the outlines backend cannot enforce {', '.join(found)} in guided_json (its "
+                                 "JSON-to-regex drops them); use the xgrammar backend", "guided_decoding_backend")
         param = "response_format" if kind == "json_object" else f"guided_{kind}"
         try:
             index = outlines_core.Index(self.to_regex(kind, spec, whitespace_pattern), self.vocabulary)

@@ -6,6 +6,7 @@ A model without any template still serves completions; chat answers a 400 (spec 
 from __future__ import annotations
 
 import codecs
+import json
 import os
 from typing import Any, Optional
 
@@ -48,18 +49,33 @@ def conversation(messages: list) -> list[dict[str, Any]]:
     out = []
     for m in messages:
         msg: dict[str, Any] = {"role": m.role, "content": message_text(m.content)}
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 msg[key] = getattr(m, key)
+        if m.tool_calls is not None:
+            msg["tool_calls"] = [_templated_call(c) for c in m.tool_calls]
         out.append(msg)
     return out
+
+
+def _templated_call(call: Any) -> Any:
+    """Templates expect an assistant tool call's `function.arguments` as a dict, not JSON text (spec 2.3)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        raise APIError(f"messages: tool call arguments are not valid JSON: {fn['arguments'][:80]!r}", 400,
+                       "messages") from None
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 def render_chat(tokenizer: Any, messages: list, *, server_template: Optional[str],
                 request_template: Optional[str], add_generation_prompt: bool,
                 continue_final_message: bool, documents: Optional[list] = None,
                 template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
-                ) -> tuple[str, list[int]]:
+                tools: Optional[list[dict]] = None) -> tuple[str, list[int]]:
     """(prompt text, token ids) of a conversation; template problems are 400s."""
     template = request_template or server_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -70,14 +86,14 @@ def render_chat(tokenizer: Any, messages: list, *, server_template: Optional[str
                        400, "continue_final_message")
     kwargs = dict(template_kwargs or {})
     for reserved in ("conversation", "chat_template", "tokenize", "add_generation_prompt",
-                     "continue_final_message", "documents"):
+                     "continue_final_message", "documents", "tools"):
         if reserved in kwargs:
             raise APIError(f"chat_template_kwargs may not set `{reserved}`", 400, "chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(
             conv, chat_template=template, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, documents=documents, tokenize=False,
-            **kwargs)
+            continue_final_message=continue_final_message, documents=documents, tools=tools or None,
+            tokenize=False, **kwargs)
     except Exception as exc:  # Jinja syntax/runtime errors come from client-supplied templates
         raise APIError(f"Error rendering the chat template: {exc}", 400, "chat_template") from None
     if not isinstance(text, str):

@@ -322,9 +322,23 @@ class ChatCompletionResponse(ResponseModel):
     prompt_logprobs: Optional[list[Optional[dict[str, Any]]]] = None
 
 
+class DeltaFunctionCall(ResponseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(ResponseModel):
+    """A streamed tool call fragment (OpenAI's format): id, type and name once, then argument pieces."""
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(ResponseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):

@@ -50,6 +50,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_request(req)
         if req.suffix is not None:
             raise APIError("suffix is not currently supported", 400, "suffix")
+        guided = await self.guided_params(req)
         prompts = self._prompts(req)
         echo_only = req.echo and req.max_tokens == 0
         logprobs = req.logprobs
@@ -64,7 +65,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 max_tokens = 1 if echo_only else self.resolve_max_tokens(
                     req.max_tokens, len(ids), "prompt", "prompt", default=16)
                 params = self.sampling_params(req, max_tokens=max_tokens, defaults={}, logprobs=logprobs,
-                                              prompt_logprobs=prompt_lp)
+                                              prompt_logprobs=prompt_lp, guided=guided)
                 first, gen = await self.start(f"{rid}-{i}", ids, params)
                 firsts.append(first)
                 gens.append(gen)

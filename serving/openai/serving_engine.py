@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
 
+from aphrodite_jax.guided import BACKENDS, GuidedDecodingParams, GuideError
 from aphrodite_jax.sampling_params import SamplingParams
 from serving.config import ServingConfig
 from serving.openai.errors import APIError, param_of
@@ -46,12 +47,6 @@ class OpenAIServing:
     def check_request(self, req: SamplingRequestBase) -> None:
         """Checks that do not need the prompt: unsupported features and streaming rules."""
         self.check_model(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(f"response_format `{req.response_format.type}` is not supported yet "
-                           "(guided decoding)", 400, "response_format")
-        for name in GUIDED_FIELDS + ("guided_decoding_backend", "guided_whitespace_pattern"):
-            if getattr(req, name) not in (None, "", [], {}):
-                raise APIError(f"{name} is not supported yet (guided decoding)", 400, name)
         if req.priority != 0:
             raise APIError(f"Got priority {req.priority} but Priority scheduling is not enabled.", 400,
                            "priority")
@@ -85,10 +80,67 @@ class OpenAIServing:
                                "representing a list of strings", 400, "dry_sequence_breakers")
         return [self.tokenizer.encode("a" + b, add_special_tokens=False)[-1] for b in breakers]
 
+    async def guided_params(self, req: SamplingRequestBase, tool_schema: Optional[dict] = None
+                            ) -> Optional[GuidedDecodingParams]:
+        """The request's guide from guided_*, response_format or a tool schema, compiled (and cached) off
+        the event loop so a bad schema, regex or grammar is a 400 naming its field before anything is
+        queued; the engine thread then finds the guide in the cache. 400 too when several guides are set
+        (spec 4, mutual exclusion)."""
+        given: dict[str, Any] = {name: getattr(req, name) for name in GUIDED_FIELDS
+                                 if getattr(req, name) is not None}
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise APIError("response_format of type json_schema needs `json_schema.schema`", 400,
+                               "response_format")
+            given["response_format"] = {"json": rf.json_schema.json_schema}
+        if tool_schema is not None and given:
+            raise APIError("Guided decoding cannot be combined with tool_choice \"required\" or a named "
+                           f"tool (got {', '.join(given)})", 400, next(iter(given)))
+        if len(given) > 1:
+            raise APIError("You can only use one kind of guided decoding ('guided_json', 'guided_regex', "
+                           f"'guided_choice', 'guided_grammar', 'response_format'); got {', '.join(given)}",
+                           400, list(given)[1])
+        if tool_schema is not None:
+            given["tools"] = tool_schema
+        if req.guided_decoding_backend is not None and req.guided_decoding_backend not in BACKENDS:
+            raise APIError(f"Unknown guided decoding backend '{req.guided_decoding_backend}' (guided_decoding_backend). Must be one of "
+                           f"{', '.join(repr(b) for b in BACKENDS)}", 400, "guided_decoding_backend")
+        if not given:
+            if req.guided_whitespace_pattern is not None:
+                raise APIError("guided_whitespace_pattern needs a JSON guide (guided_json or response_format)",
+                               400, "guided_whitespace_pattern")
+            return None
+        (name, value), = given.items()
+        kw: dict[str, Any]
+        if name == "response_format":
+            kw = value
+        elif name == "tools":
+            kw = {"json": value}
+        else:
+            kw = {name[len("guided_"):]: value}
+        try:
+            backend = req.guided_decoding_backend or (
+                None if req.guided_whitespace_pattern else self.config.guided_decoding_backend)
+            guided = GuidedDecodingParams(**kw, backend=backend, whitespace_pattern=req.guided_whitespace_pattern)
+            await asyncio.to_thread(self.engine.engine.guided.compile, guided)
+        except GuideError as exc:
+            param = exc.param if name.startswith("guided_") or exc.param == "guided_whitespace_pattern" else name
+            msg = str(exc) if param in str(exc) else f"{param}: {exc}"
+            raise APIError(msg, 400, param) from None
+        except ValueError as exc:
+            raise APIError(str(exc), 400, name) from None
+        return guided
+
     def sampling_params(self, req: SamplingRequestBase, *, max_tokens: int, defaults: dict,
-                        logprobs: Optional[int], prompt_logprobs: Optional[int]) -> SamplingParams:
+                        logprobs: Optional[int], prompt_logprobs: Optional[int],
+                        guided: Optional[GuidedDecodingParams] = None) -> SamplingParams:
         kw = {**defaults, **req.to_sampling_kwargs()}
         kw.update(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        if guided is not None:
+            kw["guided_decoding"] = guided
         ids = self.dry_breaker_ids(req.dry_sequence_breakers)
         if ids is not None:
             kw["dry_sequence_breaker_ids"] = ids

@@ -3,10 +3,12 @@ caching and no compiles after warm-up."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from aphrodite_jax import SamplingParams
+from aphrodite_jax.guided import GuidedDecodingParams
 from aphrodite_jax.runner.compile_guard import COUNTER, forbid_compiles
 from engine_utils import (assert_all_pages_free, generate_tokens, make_llm, mixed_greedy_workload,
                           random_prompt)
@@ -96,6 +98,10 @@ def test_no_compiles_after_warmup(llm):
                                 xtc_probability=0.5, temperature_last=True, top_a=0.1, tfs=0.9, eta_cutoff=3,
                                 epsilon_cutoff=3, typical_p=0.9, smoothing_factor=0.2, nsigma=2.0,
                                 skew=0.1, dynatemp_min=0.5, dynatemp_max=1.5, max_tokens=6)
+        if i % 25 == 24:  # guided rows mask the logits on device: warmed per sample bucket too
+            guide = GuidedDecodingParams(json={"type": "object", "properties": {"a": {"type": "integer"}}}
+                                         if i % 50 == 49 else None, regex=None if i % 50 == 49 else "[a-z]{2,9}")
+            sp = SamplingParams(temperature=0.8, seed=i, n=2, max_tokens=6, guided_decoding=guide)
         params.append(sp)
     before = COUNTER.compiles
     with forbid_compiles():
@@ -103,6 +109,7 @@ def test_no_compiles_after_warmup(llm):
     assert COUNTER.compiles == before
     assert len(outs) == 200 and all(o.finished for o in outs)
     assert [len(o.outputs) for o in outs[3::8]] == [2] * len(outs[3::8])
+    assert all(re.fullmatch("[a-z]{1,9}", c.text) for o in outs[24::50] for c in o.outputs)
     assert_all_pages_free(llm)
 
 

@@ -105,6 +105,9 @@ def test_help_exits_zero_without_loading_jax():
     (["--model", "/models/x.gguf"], "engine.model.model", "/models/x.gguf"),
     (["--api-keys", "k1"], "serving.api_keys", ["k1"]),
     (["--admin-key", "adm"], "serving.admin_key", "adm"),
+    (["--guided-decoding-backend", "outlines"], "serving.guided_decoding_backend", "outlines"),
+    (["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], "serving.enable_auto_tool_choice", True),
+    (["--tool-call-parser", "llama3_json"], "serving.tool_call_parser", "llama3_json"),
 ])
 def test_flag_maps_to_field(argv, path, expected):
     assert _field(parse_flat(argv), path) == expected
@@ -163,6 +166,8 @@ def test_unsupported_flag_exits_nonzero(capsys):
     (["--enable-chunked-prefill", "maybe"], "expected true or false"),
     (["--uvicorn-log-level", "loud"], "invalid choice"),
     (["--max-log-len", "-3"], "max_log_len must be >= 0"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["--tool-call-parser", "mistral"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--max-num", "4"], "unrecognized arguments"),  # no prefix abbreviations
 ])
