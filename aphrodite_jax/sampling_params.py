@@ -129,6 +129,8 @@ class SamplingParams:
             if not isinstance(self.guided_decoding, GuidedDecodingParams):
                 raise ValueError("guided_decoding must be a GuidedDecodingParams")
             self.guided_decoding.verify()
+            if self.use_beam_search:
+                raise ValueError("guided_decoding cannot be combined with use_beam_search yet")
         if self.use_beam_search:
             self._verify_beam_search()
         else:
