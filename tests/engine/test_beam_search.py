@@ -123,3 +123,18 @@ def test_abort_frees_every_page(llm, prompts):
     assert len(seqs) == WIDTH and shared  # 4 live beams sharing their prompt pages
     eng.abort_request("beam-abort")
     assert_all_pages_free(llm)
+
+
+def test_stop_strings_end_beams(llm, prompts, ours):
+    """A stop string ends a beam like EOS: cut from the text, finish "stop", stop_reason the string."""
+    assert any("," in o.text for o in ours[2].outputs)  # without the stop string the beams go past it
+    out = llm.generate(prompt_token_ids=[prompts[2]], sampling_params=beam_params(stop=[","]),
+                       use_tqdm=False)[0]
+    assert len(out.outputs) == WIDTH
+    for o in out.outputs:
+        assert "," not in o.text
+        assert (o.finish_reason, o.stop_reason) in {("stop", ","), ("stop", None), ("length", None)}
+    assert any(o.stop_reason == "," for o in out.outputs)
+    scores = [o.cumulative_logprob / len(o.token_ids) for o in out.outputs]
+    assert scores == sorted(scores, reverse=True)
+    assert_all_pages_free(llm)
