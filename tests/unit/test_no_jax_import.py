@@ -7,7 +7,7 @@ def test_host_side_modules_do_not_import_jax():
     code = (
         "import sys\n"
         "import aphrodite_jax.engine.sequence, aphrodite_jax.engine.block_manager\n"
-        "import aphrodite_jax.engine.scheduler\n"
+        "import aphrodite_jax.engine.scheduler, aphrodite_jax.engine.beam_search\n"
         "from aphrodite_jax.config import CacheConfig, SchedulerConfig\n"
         "from aphrodite_jax.engine.scheduler import Scheduler\n"
         "Scheduler(SchedulerConfig(), CacheConfig(), 4, 0, 64).schedule()\n"
