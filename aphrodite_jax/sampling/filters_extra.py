@@ -85,19 +85,46 @@ def top_a(logits, p, md):
 
 
 # --- tail-free sampling --------------------------------------------------------------------
+_TFS_CANDIDATES = 512
+
+
+def _tfs_remove_sorted(s, z):
+    """s f32[B, N] sorted descending (zero-padded past the row's nonzero tokens) -> remove bool[B, N]:
+    d_k = |s_k - 2 s_k+1 + s_k+2|, C = cumsum(d / sum d); keep position 0, remove j >= 1 iff C_{j-1} > z."""
+    b = s.shape[0]
+    d = jnp.abs(s[:, :-2] - 2.0 * s[:, 1:-1] + s[:, 2:])  # [B, N-2]
+    c = jnp.cumsum(d / jnp.sum(d, axis=-1, keepdims=True), axis=-1)  # [B, N-2]
+    return jnp.concatenate([jnp.zeros((b, 1), bool), c > z[:, None], jnp.ones((b, 1), bool)], axis=-1)
+
+
 @register_sampler("tfs", fields={"tfs": (1.0, np.float32)}, active=lambda p: p["tfs"] < 1.0 - _EPS)
 def tfs(logits, p, md):
-    """Sorted p descending s; d_k = |s_k - 2 s_k+1 + s_k+2|, C = cumsum(d / sum d); keep position 0,
-    remove position j in 1..V-2 iff C_{j-1} > z, remove position V-1."""
+    """Tail-free sampling (spec 3.2) on the probabilities sorted descending; position V-1 is removed.
+
+    A vocabulary sort costs ~0.5-1 s per step at B=32, V=49152 on CPU, so when every TFS row has at
+    most _TFS_CANDIDATES - 2 tokens left (the usual case: TFS runs after top-k / top-p / min-p), the
+    same formula runs on the top-_TFS_CANDIDATES probabilities (the rest are exact zeros, whose
+    second differences vanish): exact, and a partial top-k instead of a sort."""
     b, v = logits.shape
     probs = _probs(logits)
-    order = jnp.argsort(-probs, axis=-1)  # [B, V]
-    s = jnp.take_along_axis(probs, order, axis=-1)
-    d = jnp.abs(s[:, :-2] - 2.0 * s[:, 1:-1] + s[:, 2:])  # [B, V-2]
-    c = jnp.cumsum(d / jnp.sum(d, axis=-1, keepdims=True), axis=-1)  # [B, V-2]
-    remove_sorted = jnp.concatenate(
-        [jnp.zeros((b, 1), bool), c > p["tfs"][:, None], jnp.ones((b, 1), bool)], axis=-1)
-    remove = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(remove_sorted)
+    z = p["tfs"]
+    rows = jnp.arange(b)[:, None]
+    k = min(v, _TFS_CANDIDATES)
+    nonzero = jnp.sum(probs > 0.0, axis=-1)  # [B]
+    fits = jnp.all((nonzero <= k - 2) | (z >= 1.0 - _EPS))
+
+    def few(_):
+        s, idx = jax.lax.top_k(probs, k)  # [B, K] descending
+        remove_sorted = _tfs_remove_sorted(jnp.pad(s, ((0, 0), (0, 2))), z)[:, :k]
+        # positions past the nonzero tokens are zeros: already removed, nothing changes for them
+        return jnp.zeros((b, v), bool).at[rows, idx].set(remove_sorted) & (probs > 0.0)
+
+    def full(_):
+        order = jnp.argsort(-probs, axis=-1)  # [B, V]
+        s = jnp.take_along_axis(probs, order, axis=-1)
+        return jnp.zeros((b, v), bool).at[rows, order].set(_tfs_remove_sorted(s, z))
+
+    remove = jax.lax.cond(fits, few, full, None)
     return jnp.where(remove, NEG_INF, logits)
 
 

@@ -339,3 +339,18 @@ def test_dynatemp_single_finite_token_row():
     got, _ = _run([(SP(dynatemp_min=0.5, dynatemp_max=2.0), 0, 0)] * 2, logits)
     assert np.isfinite(got[0]).sum() == 1 and got[0, 7] == 0.0  # T -> 2e-5, the one token survives
     _same(got[1], np_dynatemp(logits[1].astype(np.float64), 0.5, 2.0, 1.0))
+
+
+@pytest.mark.parametrize("v", VOCABS)
+def test_tfs_after_truncation_takes_the_candidate_path_and_matches_numpy(v):
+    """TFS after top-k (the default order) works on the top candidates instead of sorting V."""
+    logits = _logits(v, 31, scale=1.0)
+    kws = [dict(top_k=50, tfs=0.9), dict(top_k=300, tfs=0.5), dict(top_k=5, tfs=0.99), dict(top_k=50)]
+    got, _ = _run([(SP(**kw), 0, 0) for kw in kws], logits)
+    for i, kw in enumerate(kws):
+        l = logits[i].astype(np.float64)
+        kth = np.sort(l)[::-1][kw["top_k"] - 1]
+        l = np.where(l >= kth, l, -np.inf)
+        want = np_tfs(l, kw["tfs"]) if "tfs" in kw else l
+        _same(got[i], want)
+    assert np.isfinite(got[1]).sum() < 300
