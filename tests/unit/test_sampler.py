@@ -143,6 +143,27 @@ def test_chain_of_all_filters():
     _check_rows(rows, logits)
 
 
+@pytest.mark.parametrize("v", (1000, 49152))
+def test_core_samplers_at_real_vocab_sizes(v):
+    """Temperature, top-k, top-p, min-p and the penalties through process_logits at vocab 1,000 and
+    49,152, rows with different parameters and rows with each sampler off, vs NumPy."""
+    rng = np.random.default_rng(v)
+    logits = (rng.normal(size=(8, v)) * 3).astype(np.float32)
+    prompt, out = [int(t) for t in rng.integers(0, v, 30)], [int(t) for t in rng.integers(0, v, 12)] * 2
+    rows = [(SP(), 0, 0, prompt, out),
+            (SP(temperature=0.6), 0, 0, prompt, out),
+            (SP(top_k=40), 0, 0, prompt, out),
+            (SP(top_p=0.8), 0, 0, prompt, out),
+            (SP(min_p=0.1, temperature=1.4), 0, 0, prompt, out),
+            (SP(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=-0.5), 0, 0, prompt, out),
+            (SP(temperature=0.9, top_k=500, top_p=0.95, min_p=0.01, repetition_penalty=1.1), 0, 0, prompt, out),
+            (SP.greedy(presence_penalty=1.0), 0, 0, prompt, out)]
+    got = via_api(rows, logits)
+    np.testing.assert_array_equal(got[0], logits[0])
+    for i, r in enumerate(rows):
+        _assert_same_distribution(got[i], np_chain(logits[i], r[0], prompt, out))
+
+
 def test_logit_bias_allowed_bans_min_tokens():
     logits = _logits(6)
     rows = [(SP(logit_bias={3: 100.0}), 0, 0),
