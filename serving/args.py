@@ -68,6 +68,19 @@ class FlexibleArgumentParser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
+def json_str_list(value: str) -> list[str]:
+    """`--allowed-origins '["https://a"]'` (Aphrodite parses these as JSON); a bare word is one item."""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        data = [value]
+    if isinstance(data, str):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return data
+
+
 class _Unsupported(argparse.Action):
     """Registered so `--help` lists the flag, but using it is an error until its issue lands."""
 
@@ -100,6 +113,19 @@ SERVER_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--enable-auto-tool-choice",), _FLAG, "allow tool_choice \"auto\" (needs --tool-call-parser)"),
     (("--tool-call-parser",), {"choices": ("hermes", "llama3_json")},
      "how tool calls are parsed from the model's text for tool_choice \"auto\""),
+    (("--allowed-origins",), json_str_list, 'CORS allowed origins, JSON list (default: ["*"])'),
+    (("--allowed-methods",), json_str_list, 'CORS allowed methods, JSON list (default: ["*"])'),
+    (("--allowed-headers",), json_str_list, 'CORS allowed headers, JSON list (default: ["*"])'),
+    (("--allow-credentials",), _FLAG, "CORS: allow credentials"),
+    (("--ssl-keyfile",), str, "TLS private key file (serve HTTPS)"),
+    (("--ssl-certfile",), str, "TLS certificate file"),
+    (("--ssl-ca-certs",), str, "CA certificates file for client certificates"),
+    (("--ssl-cert-reqs",), int, "client certificate requirement: 0 none, 1 optional, 2 required"),
+    (("--root-path",), str, "path prefix when behind a proxy that strips it (ASGI root_path)"),
+    (("--middleware",), {"action": "extend", "nargs": "+"},
+     "import path of extra middleware (repeatable): a function becomes HTTP middleware, "
+     "a class is added as ASGI middleware"),
+    (("--launch-kobold-api",), _FLAG, "accepted for compatibility: the Kobold API is always served"),
 ]
 
 ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
@@ -126,11 +152,8 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
 
 # Aphrodite flags whose features have not landed. The value shape only matters for parsing.
 UNSUPPORTED_FLAGS: list[tuple[tuple[str, ...], Any]] = [
-    (("--allow-credentials",), 0), (("--allowed-origins",), None), (("--allowed-methods",), None),
-    (("--allowed-headers",), None), (("--lora-modules",), "+"), (("--prompt-adapters",), "+"),
-    (("--ssl-keyfile",), None), (("--ssl-certfile",), None), (("--ssl-ca-certs",), None),
-    (("--ssl-cert-reqs",), None), (("--root-path",), None), (("--middleware",), None),
-    (("--launch-kobold-api",), 0), (("--disable-frontend-multiprocessing",), 0),
+    (("--lora-modules",), "+"), (("--prompt-adapters",), "+"),
+    (("--disable-frontend-multiprocessing",), 0),
     (("--allow-inline-model-loading",), 0),
     (("--tool-parser-plugin",), None), (("--uvloop",), 0),
     (("--tokenizer-mode",), None), (("--revision",), None), (("--trust-remote-code",), 0),
@@ -151,7 +174,9 @@ UNSUPPORTED_FLAGS: list[tuple[tuple[str, ...], Any]] = [
 SERVING_KEYS = {"host", "port", "uvicorn_log_level", "api_keys", "admin_key", "chat_template",
                 "response_role", "max_log_len", "return_tokens_as_token_ids", "disable_log_requests",
                 "disable_log_stats", "served_model_name", "guided_decoding_backend",
-                "enable_auto_tool_choice", "tool_call_parser"}
+                "enable_auto_tool_choice", "tool_call_parser", "allowed_origins", "allowed_methods",
+                "allowed_headers", "allow_credentials", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
+                "ssl_cert_reqs", "root_path", "middleware", "launch_kobold_api"}
 ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_format", "max_logprobs",
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
@@ -291,7 +316,8 @@ def build_configs(args: dict[str, Any], environ: Optional[dict] = None
     engine = {k: v for k, v in args.items() if k in ENGINE_KEYS}
     # The conventional key variables fill in only what the command line left out.
     if "api_keys" not in serving and environ.get("APHRODITE_API_KEY"):
-        serving["api_keys"] = [environ["APHRODITE_API_KEY"]]
+        # One or more keys, separated by commas or whitespace.
+        serving["api_keys"] = environ["APHRODITE_API_KEY"].replace(",", " ").split()
     if "admin_key" not in serving and environ.get("APHRODITE_ADMIN_KEY"):
         serving["admin_key"] = environ["APHRODITE_ADMIN_KEY"]
     try:

@@ -27,6 +27,18 @@ class ServingConfig:
     guided_decoding_backend: str = "xgrammar"  # for requests that name none (aphrodite_jax/guided)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
     tool_call_parser: Optional[str] = None  # serving/openai/tool_parsers: hermes, llama3_json
+    # Operating surface (issue 7): CORS, TLS, proxy prefix, user middleware, the Kobold API.
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    ssl_keyfile: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_ca_certs: Optional[str] = None
+    ssl_cert_reqs: int = 0  # ssl.CERT_NONE; 2 (CERT_REQUIRED) asks clients for a certificate
+    root_path: str = ""  # the prefix a reverse proxy strips (ASGI root_path)
+    middleware: list[str] = field(default_factory=list)  # import paths: functions or ASGI classes
+    launch_kobold_api: bool = True  # the Kobold routes are always mounted (Aphrodite >= 0.6.5)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -50,3 +62,12 @@ class ServingConfig:
                                  f"{', '.join(PARSERS)}")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if any(not k for k in self.api_keys) or self.admin_key == "":
+            raise ValueError("API keys and the admin key must not be empty strings")
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
+        if self.ssl_cert_reqs not in (0, 1, 2):
+            raise ValueError(f"ssl_cert_reqs must be 0 (none), 1 (optional) or 2 (required), "
+                             f"got {self.ssl_cert_reqs}")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ValueError(f"root_path must start with '/' and not end with one, got {self.root_path!r}")

@@ -1,8 +1,9 @@
 """`build_app(engine, config)`: the FastAPI app of the OpenAI-compatible API over an AsyncLLMEngine.
 
 Routes: /v1/completions, /v1/chat/completions (JSON or SSE), /v1/models, /v1/tokenize,
-/v1/detokenize, /health, /version; /docs and /openapi.json come from FastAPI. Starting uvicorn is the
-CLI's job (serving/cli.py `run_server`).
+/v1/detokenize, /health, /version; /docs and /openapi.json come from FastAPI. serving/middleware.py adds
+the Kobold API, /metrics, /v1/admin/status, the playground at / and keys/CORS/middleware. Starting
+uvicorn is the CLI's job (serving/cli.py `run_server`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import aphrodite_jax
 from serving.config import ServingConfig
+from serving.middleware import install_surface, instrument
 from serving.openai.errors import APIError, BodyLimitMiddleware, install_error_handlers
 from serving.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                      CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -40,6 +42,7 @@ def _log_request(config: ServingConfig, kind: str, req: Any) -> None:
 
 def build_app(engine: Any, config: ServingConfig) -> FastAPI:
     """The OpenAI-side app. `engine` is an AsyncLLMEngine (or anything with its interface)."""
+    engine = instrument(engine, config)  # /metrics counts what this app's routes ask of the engine
     app = FastAPI(title="aphrodite-jax OpenAI-compatible API", version=aphrodite_jax.__version__)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_body_bytes)
@@ -103,4 +106,5 @@ def build_app(engine: Any, config: ServingConfig) -> FastAPI:
     async def version():
         return {"version": aphrodite_jax.__version__}
 
+    install_surface(app, engine, config)  # Kobold, /metrics, admin, playground, keys, CORS, middleware
     return app
