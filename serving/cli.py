@@ -77,6 +77,14 @@ def served_name(engine_config: EngineConfig, serving_config: ServingConfig) -> s
     return f"the bundled default ({DEFAULT_MODEL_FILE})"
 
 
+def uvicorn_ssl_kwargs(config: ServingConfig) -> dict[str, Any]:
+    """The TLS settings uvicorn takes (empty without --ssl-keyfile/--ssl-certfile)."""
+    if not config.ssl_certfile:
+        return {}
+    return dict(ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+                ssl_ca_certs=config.ssl_ca_certs, ssl_cert_reqs=config.ssl_cert_reqs)
+
+
 def _setup_logging(level: str) -> None:
     py_level = logging.DEBUG if level == "trace" else getattr(logging, level.upper())
     logging.basicConfig(level=py_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -117,9 +125,10 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
             async def startup(self, sockets=None) -> None:
                 await super().startup(sockets=sockets)
                 if self.started:
-                    logger.info("serving model %s as %s on http://%s:%d (OpenAI API under /v1)",
-                                served_name(engine_config, serving_config),
-                                ", ".join(names) or "?", host, serving_config.port)
+                    logger.info("serving model %s as %s on %s://%s:%d%s (OpenAI API under /v1, Kobold "
+                                "under /api, playground at /)", served_name(engine_config, serving_config),
+                                ", ".join(names) or "?", "https" if serving_config.ssl_certfile else "http",
+                                host, serving_config.port, serving_config.root_path)
 
             @contextlib.contextmanager
             def capture_signals(self):
@@ -133,7 +142,7 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
 
         config = uvicorn.Config(app, host=host, port=serving_config.port,
                                 log_level=serving_config.uvicorn_log_level,
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, **uvicorn_ssl_kwargs(serving_config))
         _Server(config).run()
     finally:
         stop_engine()

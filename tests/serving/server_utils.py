@@ -84,8 +84,10 @@ def start_server(llm_engine: Any = None, serving_config: Any = None, async_engin
     config = serving_config or ServingConfig()
     app = build_app(engine, config)
     port = free_port()
+    from serving.cli import uvicorn_ssl_kwargs
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", timeout_keep_alive=30))
+                                           lifespan="off", timeout_keep_alive=30, **uvicorn_ssl_kwargs(config)))
     holder: dict = {}
 
     def serve() -> None:
@@ -103,4 +105,5 @@ def start_server(llm_engine: Any = None, serving_config: Any = None, async_engin
                 engine.shutdown()
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    return ServerHandle(f"http://127.0.0.1:{port}", engine, app, server, thread, holder["loop"], owns)
+    scheme = "https" if config.ssl_certfile else "http"
+    return ServerHandle(f"{scheme}://127.0.0.1:{port}", engine, app, server, thread, holder["loop"], owns)
