@@ -255,11 +255,15 @@ def install_kobold(app: FastAPI, engine: Any, config: ServingConfig) -> KoboldSe
                                  headers={"Cache-Control": "no-cache", "Connection": "keep-alive",
                                           "X-Accel-Buffering": "no"})
 
-    @extra.api_route("/generate/check", methods=["GET", "POST"])
+    @extra.post("/generate/check")
     async def generate_check(request: Request):
         body = await _body(request, GenKey)
         job = kobold.jobs.get(body.genkey or "")
         return {"results": [{"text": job.text if job else ""}]}
+
+    @extra.get("/generate/check")
+    async def generate_check_get(request: Request):
+        return await generate_check(request)
 
     @extra.post("/abort")
     async def abort(request: Request):

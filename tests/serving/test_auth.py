@@ -75,11 +75,11 @@ def test_auth_matrix(secured):
 
 def test_openai_client_with_keys(secured):
     model = secured.app.state.served_model_names[0]
-    bad = openai.OpenAI(base_url=secured.v1, api_key="sk-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
-        bad.completions.create(model=model, prompt="Hi", max_tokens=2)
-    good = openai.OpenAI(base_url=secured.v1, api_key=API, max_retries=0)
-    r = good.completions.create(model=model, prompt="Hi", max_tokens=2, temperature=0)
+    with openai.OpenAI(base_url=secured.v1, api_key="sk-wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model=model, prompt="Hi", max_tokens=2)
+    with openai.OpenAI(base_url=secured.v1, api_key=API, max_retries=0) as good:
+        r = good.completions.create(model=model, prompt="Hi", max_tokens=2, temperature=0)
     assert r.choices[0].text is not None and r.usage.completion_tokens >= 1
 
 
