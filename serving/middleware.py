@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from serving.config import ServingConfig
 from serving.metrics import InstrumentedEngine, ServerMetrics, install_metrics
 
 STATIC_DIR = Path(__file__).parent / "static"
+logger = logging.getLogger("aphrodite_jax.serving")
 
 
 def instrument(engine: Any, config: ServingConfig) -> InstrumentedEngine:
@@ -104,6 +106,8 @@ def install_surface(app: FastAPI, engine: Any, config: ServingConfig) -> None:
     install_playground(app)
     if config.root_path:
         app.root_path = config.root_path
+    if config.admin_key is None:
+        logger.info("no admin key (--admin-key / APHRODITE_ADMIN_KEY): admin routes answer 403")
     app.add_middleware(AuthMiddleware, api_keys=config.api_keys, admin_key=config.admin_key)
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
                        allow_credentials=config.allow_credentials, allow_methods=config.allowed_methods,
