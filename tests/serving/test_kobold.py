@@ -230,7 +230,7 @@ CASES = [
     ("logit_bias", {"logit_bias": {"1000": 100}}, {"logit_bias": {1000: 100}}),
     ("sampler_order", {"sampler_order": [6, 0, 1, 3, 4, 2, 5], "top_p": 0.6, "temperature": 2.5},
      {"sampler_priority": _LITE_ORDER, "top_p": 0.6, "temperature": 2.5}),
-    ("dry", {"dry_multiplier": 3.0, "dry_base": 2.0, "dry_allowed_length": 1, "dry_penalty_last_n": 0,
+    ("dry", {"prompt": "the cat sat on the mat. the cat sat on the mat. the cat sat on the", "dry_multiplier": 3.0, "dry_base": 2.0, "dry_allowed_length": 1, "dry_penalty_last_n": 0,
              "dry_sequence_breakers": "[\"\\n\"]", "rep_pen_range": 0},
      {"dry_multiplier": 3.0, "dry_base": 2.0, "dry_allowed_length": 1, "dry_range": 0}),
     ("mirostat", {"mirostat": 2, "mirostat_tau": 2.0, "mirostat_eta": 0.3},
@@ -248,19 +248,18 @@ def _not_landed(sp: dict) -> bool:
 
 
 def test_every_sampler_field_reaches_the_engine(server, tok):
-    ids = tok.encode(PROMPT)
     nl = tok.encode("a\n", add_special_tokens=False)[-1]
 
     async def kobold(client, extra):
         return await client.post("/api/v1/generate", json={**NEUTRAL, **extra})
 
-    async def ref(sp):
+    async def ref(sp, prompt=PROMPT):
         kw = {**NEUTRAL_SP, **sp}
         if "dry_multiplier" in sp:
             kw["dry_sequence_breaker_ids"] = [nl]
         last = None
         async for out in server.engine.generate(None, SamplingParams(**kw), f"kcase-{time.monotonic_ns()}",
-                                                prompt_token_ids=ids):
+                                                prompt_token_ids=tok.encode(prompt)):
             last = out
         return last.outputs[0].text
 
@@ -272,6 +271,7 @@ def test_every_sampler_field_reaches_the_engine(server, tok):
     assert base.status_code == 200, base.text
     neutral = base.json()["results"][0]["text"]
     assert neutral == server.run(ref({}))
+    neutrals = {c[1]["prompt"]: server.run(ref({}, c[1]["prompt"])) for c in CASES if "prompt" in c[1]}
     failures = []
     for (name, extra, sp), r in zip(CASES, answers):
         pending = _not_landed(sp)
@@ -283,10 +283,10 @@ def test_every_sampler_field_reaches_the_engine(server, tok):
             failures.append(f"{name}: HTTP {r.status_code} {r.text[:200]}")
             continue
         text = r.json()["results"][0]["text"]
-        expected = server.run(ref(sp))
+        expected = server.run(ref(sp, extra.get("prompt", PROMPT)))
         if text != expected:
             failures.append(f"{name}: {text!r} != engine {expected!r}")
-        elif text == neutral:
+        elif text == (neutrals[extra["prompt"]] if "prompt" in extra else neutral):
             failures.append(f"{name}: no effect on the output ({text!r})")
     assert not failures, "\n".join(failures)
 
