@@ -116,10 +116,8 @@ class KoboldServing:
     def log(self, route: str, req: KAIGenerationInput, genkey: str) -> None:
         if self.config.disable_log_requests or req.quiet or not logger.isEnabledFor(logging.INFO):
             return
-        text = repr(req.prompt)
-        if self.config.max_log_len:
-            text = text[:self.config.max_log_len]
-        logger.info("kobold %s %s: max_length=%d prompt=%s", route, genkey, req.max_length, text)
+        text = req.prompt[:self.config.max_log_len] if self.config.max_log_len else req.prompt
+        logger.info("kobold %s %s: max_length=%d prompt=%r", route, genkey, req.max_length, text)
 
     async def start(self, req: KAIGenerationInput, route: str):
         genkey = req.genkey or f"kai-{uuid.uuid4().hex}"

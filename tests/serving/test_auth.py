@@ -126,3 +126,16 @@ def test_keys_from_environment():
     assert s.api_keys == ["k1", "k2", "k3"] and s.admin_key == "adm"
     _, s = build_configs({"api_keys": ["cli"]}, environ={"APHRODITE_API_KEY": "env"})
     assert s.api_keys == ["cli"]
+
+
+def test_cors_and_kobold_flags_parse():
+    from serving.args import CLIError
+    from serving.cli import parse_flat
+
+    _, s = parse_flat(["--allowed-origins", '["http://a.example", "http://b.example"]', "--allowed-methods",
+                       '["GET", "POST"]', "--allowed-headers", "x-api-key", "--allow-credentials",
+                       "--launch-kobold-api"])
+    assert s.allowed_origins == ["http://a.example", "http://b.example"] and s.allowed_methods == ["GET", "POST"]
+    assert s.allowed_headers == ["x-api-key"] and s.allow_credentials and s.launch_kobold_api
+    with pytest.raises(CLIError, match="JSON list of strings"):
+        parse_flat(["--allowed-origins", '{"a": 1}'])

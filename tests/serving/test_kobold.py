@@ -340,3 +340,19 @@ def test_sampler_order_mapping():
     assert lite.index(5) > max(lite.index(x) for x in (0, 1, 3, 4))
     assert [x for x in lite if x not in (0, 1, 3, 4, 5, 6)] == [x for x in DEFAULT_PRIORITY if x not in
                                                                  (0, 1, 3, 4, 5, 6)]
+
+
+def test_request_log_honours_max_log_len_quiet_and_disable(caplog):
+    from types import SimpleNamespace
+
+    from serving.config import ServingConfig
+    from serving.kobold.api import KoboldServing
+    from serving.kobold.protocol import KAIGenerationInput
+
+    req = KAIGenerationInput(prompt="x" * 100, max_length=4, max_context_length=64)
+    with caplog.at_level("INFO", logger="aphrodite_jax.serving.kobold"):
+        KoboldServing.log(SimpleNamespace(config=ServingConfig(max_log_len=10)), "generate", req, "k1")
+        KoboldServing.log(SimpleNamespace(config=ServingConfig(disable_log_requests=True)), "generate", req, "k2")
+        KoboldServing.log(SimpleNamespace(config=ServingConfig()), "generate", req.model_copy(update={"quiet": True}), "k3")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "k1" in lines[0] and "x" * 10 in lines[0] and "x" * 11 not in lines[0]
