@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from aphrodite_jax.guided import GuidedDecodingParams, GuideError
 from aphrodite_jax.sampling_params import SamplingParams
 from serving.config import ServingConfig
 from serving.kobold.protocol import (PARAM_TO_KAI, KAIGenerationInput, KoboldRequestError, dry_breakers,
@@ -97,13 +98,28 @@ class KoboldServing:
         ids = list(self.tokenizer.encode(req.prompt))
         return ids[-budget:]
 
-    def params(self, req: KAIGenerationInput, prompt_len: int) -> SamplingParams:
+    async def guide(self, req: KAIGenerationInput) -> Optional[GuidedDecodingParams]:
+        """`grammar` (GBNF or Lark) as a guided-decoding grammar, compiled now so a bad one is a 400."""
+        if not req.grammar:
+            return None
+        try:
+            guided = GuidedDecodingParams(grammar=req.grammar, backend=self.config.guided_decoding_backend)
+            await asyncio.to_thread(self.engine.engine.guided.compile, guided)
+        except (GuideError, ValueError) as exc:
+            msg = str(exc)
+            raise APIError(msg if "grammar" in msg else f"grammar: {msg}", 400, "grammar") from None
+        return guided
+
+    def params(self, req: KAIGenerationInput, prompt_len: int,
+               guided: Optional[GuidedDecodingParams] = None) -> SamplingParams:
         try:
             kw = to_sampling_kwargs(req, prompt_len=prompt_len, badwords=self.badwords,
                                     token_ids_of=lambda s: self.tokenizer.encode(s, add_special_tokens=False))
             breakers = dry_breakers(req.dry_sequence_breakers)
             if breakers is not None:
                 kw["dry_sequence_breaker_ids"] = self.base.dry_breaker_ids(breakers)
+            if guided is not None:
+                kw["guided_decoding"] = guided
             params = SamplingParams(**kw)
             params.verify_vocab(self.engine.engine.runner.vocab_size)
         except KoboldRequestError as exc:
@@ -124,7 +140,7 @@ class KoboldServing:
         if genkey in self.jobs:
             raise APIError(f"genkey {genkey!r} is already generating", 400, "genkey")
         ids = self.prompt_ids(req)
-        params = self.params(req, len(ids))
+        params = self.params(req, len(ids), await self.guide(req))
         self.log(route, req, genkey)
         first, gen = await self.base.start(genkey, ids, params)
         return genkey, first, gen

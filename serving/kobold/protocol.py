@@ -222,8 +222,6 @@ def to_sampling_kwargs(req: KAIGenerationInput, *, prompt_len: int, badwords: An
         if "mirostat_mode" not in _SP_FIELDS:
             raise KoboldRequestError("mirostat is not supported yet", "mirostat")
         kw.update(mirostat_mode=req.mirostat, mirostat_tau=req.mirostat_tau, mirostat_eta=req.mirostat_eta)
-    if req.grammar:
-        raise KoboldRequestError("grammar is not supported yet (guided decoding)", "grammar")
     bans: list[int] = []
     if req.use_default_badwordsids:
         bans += badwords()

@@ -184,7 +184,7 @@ def test_kobold_errors(http):
     base = {**LITE, "prompt": PROMPT}
     cases = [({"max_length": 100, "max_context_length": 50}, "max_length"),
              ({"rep_pen": 1.2, "rep_pen_range": 4}, "rep_pen_range"),
-             ({"grammar": "root ::= \"a\""}, "grammar"),
+             ({"grammar": "root ::= ( unclosed"}, "grammar"),
              ({"top_p": 0}, "top_p"),
              ({"rep_pen": 0.5, "rep_pen_range": 0}, "rep_pen"),
              ({"sampler_order": [6, 0, 9]}, "sampler_order"),
@@ -316,6 +316,15 @@ def test_stop_trim_singleline_n_and_length(server, http, tok):
     assert "\n" in text
     single = http.post("/api/v1/generate", json={**lines, "singleline": True}).json()["results"][0]
     assert single == {"text": text[:text.index("\n")], "finish_reason": "stop"}
+
+
+def test_grammar_constrains_the_output(http):
+    body = {**LITE, "prompt": "Is the sky green? Answer:", "temperature": 1.0, "sampler_seed": 5,
+            "stop_sequence": [], "max_length": 8, "rep_pen_range": 0}
+    free = http.post("/api/v1/generate", json=body).json()["results"][0]["text"]
+    grammar = 'root ::= " yes" | " no"'
+    r = http.post("/api/v1/generate", json={**body, "grammar": grammar}).json()["results"][0]
+    assert r["text"] in (" yes", " no") and r["finish_reason"] == "stop" and free not in (" yes", " no")
 
 
 def test_bad_words_and_banned_tokens(server, http, tok):
