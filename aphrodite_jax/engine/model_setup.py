@@ -53,11 +53,11 @@ class DeviceSampler:
     max_logprobs} x {no token history, history of max_model_len}. Logprob requests always compute
     the top `max_logprobs`, so a new `logprobs` value never recompiles; the metadata widths are pinned
     (BIAS_WIDTH sparse biases/bans and allowed ids, DRY_WIDTH breakers, the history at max_model_len), so only a
-    request beyond those widths (more than 8 logit_bias/ban entries or allowed ids, more than 16 DRY breakers)
+    request beyond those widths (more than 512 logit_bias/ban entries or allowed ids, more than 16 DRY breakers)
     compiles a new variant, once.
     """
 
-    BIAS_WIDTH = 8
+    BIAS_WIDTH = 512  # logit_bias (OpenAI allows 300 entries) + bans + stop ids; ~2 KB per row
     DRY_WIDTH = 16
 
     def __init__(self, runner: ModelRunner, vocab_size: int, max_logprobs: int, eos_token_ids: Sequence[int]):
