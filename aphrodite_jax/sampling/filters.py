@@ -118,15 +118,23 @@ def top_p_top_k(logits, p, md):
     """
     v = logits.shape[-1]
     k = p["top_k"]
-    k = jnp.where(k <= 0, v, jnp.minimum(k, v)).astype(jnp.float32)  # [B]
-    finite = (logits > NEG_INF).astype(jnp.float32)  # [B, V]
-    kth = largest_threshold(logits, finite, jnp.minimum(k, jnp.sum(finite, axis=-1)))  # [B, 1]
-    logits = jnp.where(logits >= kth, logits, NEG_INF)
     top_p = p["top_p"]  # [B]
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
-    cut = largest_threshold(logits, probs, jnp.minimum(top_p, jnp.sum(probs, axis=-1)))  # [B, 1]
-    cut = jnp.where((top_p < 1.0 - _EPS)[:, None], cut, -jnp.inf)
-    return jnp.where(logits >= cut, logits, NEG_INF)
+
+    def top_k(lg):
+        kk = jnp.where(k <= 0, v, jnp.minimum(k, v)).astype(jnp.float32)  # [B]
+        finite = (lg > NEG_INF).astype(jnp.float32)  # [B, V]
+        kth = largest_threshold(lg, finite, jnp.minimum(kk, jnp.sum(finite, axis=-1)))  # [B, 1]
+        return jnp.where((k > 0)[:, None] & (lg < kth), NEG_INF, lg)
+
+    def top_p_cut(lg):
+        probs = jax.nn.softmax(lg, axis=-1)  # [B, V]
+        cut = largest_threshold(lg, probs, jnp.minimum(top_p, jnp.sum(probs, axis=-1)))  # [B, 1]
+        cut = jnp.where((top_p < 1.0 - _EPS)[:, None], cut, -jnp.inf)
+        return jnp.where(lg >= cut, lg, NEG_INF)
+
+    # Each cutoff is a 32-pass bisection: skip the one no row of the batch asks for.
+    logits = jax.lax.cond(jnp.any(k > 0), top_k, lambda lg: lg, logits)
+    return jax.lax.cond(jnp.any(top_p < 1.0 - _EPS), top_p_cut, lambda lg: lg, logits)
 
 
 @register_sampler("min_p", fields={"min_p": (0.0, np.float32)}, active=lambda p: p["min_p"] > _EPS)
