@@ -12,6 +12,8 @@ def load_tokenizer(source: Optional[str], gguf_file: Optional[str] = None) -> An
     """An HF tokenizer from a folder / cached hub id, or from the metadata of a GGUF file; None for none."""
     if source is None:
         return None
+    if not gguf_file and source.endswith(".gguf") and os.path.isfile(source):  # --tokenizer FILE.gguf
+        source, gguf_file = os.path.split(source)
     if gguf_file:
         from aphrodite_jax.loaders.gguf_loader import GGUFModel
 

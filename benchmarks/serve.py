@@ -245,7 +245,8 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
 
 
 async def run_load(url: str, model: str, prompts: list[str], output_len: int, concurrency: int,
-                   temperature: float = 0.0, ignore_eos: bool = True) -> dict:
+                   temperature: float = 0.0, ignore_eos: bool = True, transport=None) -> dict:
+    """Send every prompt with `concurrency` requests in flight; `transport` is for tests (httpx.MockTransport)."""
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -253,7 +254,8 @@ async def run_load(url: str, model: str, prompts: list[str], output_len: int, co
         queue.put_nowait(p)
     results: list[RequestResult] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits,
+                                 transport=transport) as client:
         async def worker() -> None:
             while not queue.empty():
                 prompt = queue.get_nowait()

@@ -148,6 +148,8 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--max-num-seqs",), int, "most sequences per step (default: 256)"),
     (("--max-num-batched-tokens",), int, "most tokens per step (default: from max-model-len)"),
     (("--preemption-mode",), {"choices": ("recompute", "swap")}, "how to preempt (default: recompute)"),
+    (("--compilation-cache-dir",), str,
+     "persistent XLA compilation cache folder (default: ~/.cache/aphrodite_jax/jax_cache)"),
 ]
 
 # Aphrodite flags whose features have not landed. The value shape only matters for parsing.
@@ -180,7 +182,8 @@ SERVING_KEYS = {"host", "port", "uvicorn_log_level", "api_keys", "admin_key", "c
 ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_format", "max_logprobs",
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
-               "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats"}
+               "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats",
+               "compilation_cache_dir"}
 
 
 def _dest(flags: tuple[str, ...]) -> str:

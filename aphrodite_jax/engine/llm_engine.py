@@ -26,6 +26,8 @@ from aphrodite_jax.runner.compile_guard import forbid_compiles
 from aphrodite_jax.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+# benchmarks/serve.py --startup-runs parses this line: keep the wording in step with its regex.
+READY_LOG = "Engine ready in %.1f s (load %.1f s, compile %.1f s over %d variants)"
 
 
 class PromptTooLongError(ValueError):
@@ -45,7 +47,9 @@ class LLMEngine:
         from aphrodite_jax.engine.model_setup import build_model_stack  # JAX lives behind this import
 
         self.config = config
+        t0 = time.perf_counter()
         stack = build_model_stack(config)
+        t_loaded = time.perf_counter()
         self.runner = stack.runner
         self.tokenizer = stack.tokenizer
         self.hf_config = stack.hf_config
@@ -65,6 +69,11 @@ class LLMEngine:
 
         self.guided = GuidedDecoding(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         self.guided.warmup(self.runner.sample_buckets, self.runner._device_put)
+        t_ready = time.perf_counter()
+        variants = len(self.runner._compiled) + len(self.sampler._compiled)
+        self.startup_times = {"ready_s": t_ready - t0, "load_s": t_loaded - t0, "compile_s": t_ready - t_loaded,
+                              "variants": variants}  # load: weights, tokenizer, KV cache; compile: warm-up
+        logger.info(READY_LOG, t_ready - t0, t_loaded - t0, t_ready - t_loaded, variants)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,

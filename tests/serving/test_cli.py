@@ -102,6 +102,7 @@ def test_help_exits_zero_without_loading_jax():
     (["-gmu", "0.6"], "engine.cache.gpu_memory_utilization", 0.6),
     (["--swap-space", "8"], "engine.cache.swap_space", 8.0),
     (["--preemption-mode", "swap"], "engine.scheduler.preemption_mode", "swap"),
+    (["--compilation-cache-dir", "/tmp/cc"], "engine.compilation_cache_dir", "/tmp/cc"),
     (["--model", "/models/x.gguf"], "engine.model.model", "/models/x.gguf"),
     (["--api-keys", "k1"], "serving.api_keys", ["k1"]),
     (["--admin-key", "adm"], "serving.admin_key", "adm"),
