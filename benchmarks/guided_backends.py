@@ -44,7 +44,7 @@ def main() -> None:
     tok = load_tokenizer(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
     eos = tok.eos_token_id
     result = {}
-    for backend in ("xgrammar", "outlines"):
+    for backend in ("xgrammar", "outlines", "lm-format-enforcer"):
         gd = GuidedDecoding(tok, 49152, (eos,))
         t0 = time.perf_counter()
         gd.backend(backend)

@@ -108,7 +108,7 @@ SERVER_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--disable-log-stats",), _FLAG, "do not log throughput/queue statistics"),
     (("--served-model-name",), {"nargs": "+"},
      "model name(s) the API answers to; the first is reported (default: the model path)"),
-    (("--guided-decoding-backend",), {"choices": ("xgrammar", "outlines")},
+    (("--guided-decoding-backend",), {"choices": ("xgrammar", "outlines", "lm-format-enforcer")},
      "guided decoding backend for requests that name none (default: xgrammar)"),
     (("--enable-auto-tool-choice",), _FLAG, "allow tool_choice \"auto\" (needs --tool-call-parser)"),
     (("--tool-call-parser",), {"choices": ("hermes", "llama3_json")},

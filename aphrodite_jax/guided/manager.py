@@ -34,8 +34,8 @@ def _backend_class(name: str):
         from aphrodite_jax.guided.outlines_backend import OutlinesBackend
         return OutlinesBackend
     if name == "lm-format-enforcer":
-        raise GuideError("the lm-format-enforcer backend is not supported yet; use xgrammar or outlines",
-                         "guided_decoding_backend")
+        from aphrodite_jax.guided.lmfe_backend import LMFormatEnforcerBackend
+        return LMFormatEnforcerBackend
     raise GuideError(f"Unknown guided decoding backend '{name}'", "guided_decoding_backend")
 
 

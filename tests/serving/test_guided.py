@@ -121,7 +121,7 @@ def test_regex_choice_grammar_json_object(client, model):
         return lambda: client.completions.create(model=model, prompt=ask, max_tokens=max_tokens, seed=seed,
                                                  temperature=temperature, extra_body=extra).choices[0]
     calls = []
-    for backend in ("xgrammar", "outlines"):
+    for backend in ("xgrammar", "outlines", "lm-format-enforcer"):
         for t in (0.0, 1.0):
             calls.append(("regex", comp({"guided_regex": regex, "guided_decoding_backend": backend}, t)))
             calls.append(("choice", comp({"guided_choice": choices, "guided_decoding_backend": backend}, t)))
