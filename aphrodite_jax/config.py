@@ -77,7 +77,7 @@ class SchedulerConfig:
     max_num_batched_tokens: Optional[int] = None  # None -> chosen from max_model_len / chunking
     enable_chunked_prefill: bool = False
     preemption_mode: Literal["recompute", "swap"] = "recompute"
-    max_queue_len: Optional[int] = None
+    max_queue_len: Optional[int] = None  # most requests waiting for a slot; more get a 503
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
@@ -85,6 +85,8 @@ class SchedulerConfig:
                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         _check(self.preemption_mode in ("recompute", "swap"),
                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        _check(self.max_queue_len is None or self.max_queue_len >= 0,
+               f"max_queue_len must be >= 0, got {self.max_queue_len}")
 
 
 @dataclass

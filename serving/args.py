@@ -126,6 +126,19 @@ SERVER_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
      "import path of extra middleware (repeatable): a function becomes HTTP middleware, "
      "a class is added as ASGI middleware"),
     (("--launch-kobold-api",), _FLAG, "accepted for compatibility: the Kobold API is always served"),
+    (("--shutdown-timeout",), float,
+     "on SIGTERM, seconds requests in flight may take to finish before they are aborted (default: 30)"),
+    (("--request-read-timeout",), float,
+     "close connections that do not send a whole request (head and body) in this many seconds (default: 30)"),
+    (("--keep-alive-timeout",), float, "close idle keep-alive connections after this many seconds (default: 5)"),
+    (("--max-request-body-bytes",), int, "largest request body; larger ones get a 413 (default: 8 MiB)"),
+    (("--max-n",), int, "largest `n` and `best_of` a request may ask for (default: 16)"),
+    (("--max-tokens-limit",), int, "largest `max_tokens` a request may ask for (default: the context length)"),
+    (("--max-stop-strings",), int, "most stop strings per request (default: 64)"),
+    (("--max-stop-string-chars",), int, "longest stop string (default: 1024)"),
+    (("--max-logit-bias",), int, "most `logit_bias` entries per request (default: 1024)"),
+    (("--max-guide-bytes",), int,
+     "largest guide (guided_json/regex/grammar/choice, response_format schema, tools) in bytes (default: 65536)"),
 ]
 
 ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
@@ -150,6 +163,8 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--preemption-mode",), {"choices": ("recompute", "swap")}, "how to preempt (default: recompute)"),
     (("--compilation-cache-dir",), str,
      "persistent XLA compilation cache folder (default: ~/.cache/aphrodite_jax/jax_cache)"),
+    (("--max-queue-len",), int,
+     "most requests waiting for a slot; past it new ones get a 503 with Retry-After (default: no limit)"),
 ]
 
 # Aphrodite flags whose features have not landed. The value shape only matters for parsing.
@@ -178,12 +193,15 @@ SERVING_KEYS = {"host", "port", "uvicorn_log_level", "api_keys", "admin_key", "c
                 "disable_log_stats", "served_model_name", "guided_decoding_backend",
                 "enable_auto_tool_choice", "tool_call_parser", "allowed_origins", "allowed_methods",
                 "allowed_headers", "allow_credentials", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
-                "ssl_cert_reqs", "root_path", "middleware", "launch_kobold_api"}
+                "ssl_cert_reqs", "root_path", "middleware", "launch_kobold_api",
+                "shutdown_timeout", "request_read_timeout",
+                "keep_alive_timeout", "max_request_body_bytes", "max_n", "max_tokens_limit",
+                "max_stop_strings", "max_stop_string_chars", "max_logit_bias", "max_guide_bytes"}
 ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_format", "max_logprobs",
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
                "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats",
-               "compilation_cache_dir"}
+               "compilation_cache_dir", "max_queue_len"}
 
 
 def _dest(flags: tuple[str, ...]) -> str:

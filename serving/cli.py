@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 from typing import Any, Optional, Sequence
 
@@ -92,8 +93,27 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("jax").setLevel(max(py_level, logging.WARNING))
 
 
-def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> None:
-    """Build the engine and the app, serve until SIGINT/SIGTERM, then shut the engine down."""
+EXIT_ENGINE_DEAD = 1  # the engine died: a supervisor should restart the server
+
+
+def uvicorn_config(app: Any, serving_config: ServingConfig, host: Optional[str] = None):
+    """uvicorn's settings for the server: graceful-shutdown grace period, keep-alive and the
+    request-head timeout that drops slow-loris clients (serving/http_protocol.py)."""
+    import uvicorn
+
+    from serving.http_protocol import timed_h11_protocol
+
+    return uvicorn.Config(app, host=host or serving_config.host or "0.0.0.0", port=serving_config.port,
+                          log_level=serving_config.uvicorn_log_level,
+                          timeout_graceful_shutdown=max(1, round(serving_config.shutdown_timeout)),
+                          timeout_keep_alive=serving_config.keep_alive_timeout,
+                          http=timed_h11_protocol(serving_config.request_header_timeout))
+
+
+def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> int:
+    """Build the engine and the app, serve until SIGINT/SIGTERM or the engine's death, then shut the
+    engine down. Returns the exit status: 0 after SIGTERM (requests in flight got up to
+    --shutdown-timeout to finish, then were aborted), EXIT_ENGINE_DEAD when the engine died."""
     _setup_logging(serving_config.uvicorn_log_level)
     import uvicorn
 
@@ -107,6 +127,7 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
     engine = AsyncLLMEngine(LLMEngine(engine_config))
     stats = None if serving_config.disable_log_stats else StatsLogger(engine.engine).start()
     stopped = False
+    status = 0
 
     def stop_engine() -> None:
         nonlocal stopped
@@ -130,22 +151,40 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> No
                                 ", ".join(names) or "?", "https" if serving_config.ssl_certfile else "http",
                                 host, serving_config.port, serving_config.root_path)
 
+            def handle_exit(self, sig, frame) -> None:
+                if not self.should_exit:
+                    logger.info("%s: no new requests; waiting up to %ss for those in flight",
+                                signal.Signals(sig).name, serving_config.shutdown_timeout)
+                app.state.draining = True  # /health answers 503 from now on
+                super().handle_exit(sig, frame)
+
             @contextlib.contextmanager
             def capture_signals(self):
-                # uvicorn re-raises a caught SIGTERM once serving ends, which kills the process
-                # before any outer `finally`: stop the engine first, inside that window.
+                # uvicorn re-raises a caught signal once serving ends. A SIGTERM'd server has shut
+                # down cleanly by then and exits 0; Ctrl-C still ends as KeyboardInterrupt (130).
+                # The engine stops first, inside that window.
                 with super().capture_signals():
                     try:
                         yield
                     finally:
                         stop_engine()
+                        self._captured_signals = [s for s in self._captured_signals
+                                                  if s != signal.SIGTERM]
 
-        config = uvicorn.Config(app, host=host, port=serving_config.port,
-                                log_level=serving_config.uvicorn_log_level,
-                                timeout_graceful_shutdown=5, **uvicorn_ssl_kwargs(serving_config))
-        _Server(config).run()
+        server = _Server(uvicorn_config(app, serving_config, host))
+
+        def on_dead(exc: BaseException) -> None:
+            nonlocal status
+            status = EXIT_ENGINE_DEAD
+            logger.critical("exiting with status %d so a supervisor restarts the server: %s",
+                            EXIT_ENGINE_DEAD, exc)
+            server.should_exit = True
+
+        getattr(engine, "on_dead", []).append(on_dead)
+        server.run()
     finally:
         stop_engine()
+    return status
 
 
 def _exit_on_error(fn, argv, prog: str) -> tuple[EngineConfig, ServingConfig]:
@@ -158,9 +197,11 @@ def _exit_on_error(fn, argv, prog: str) -> tuple[EngineConfig, ServingConfig]:
 
 def _serve(configs: tuple[EngineConfig, ServingConfig]) -> None:
     try:
-        run_server(*configs)
+        status = run_server(*configs)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a graceful shutdown
         sys.exit(130)
+    if status:
+        sys.exit(status)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

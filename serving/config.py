@@ -39,6 +39,16 @@ class ServingConfig:
     root_path: str = ""  # the prefix a reverse proxy strips (ASGI root_path)
     middleware: list[str] = field(default_factory=list)  # import paths: functions or ASGI classes
     launch_kobold_api: bool = True  # the Kobold routes are always mounted (Aphrodite >= 0.6.5)
+    # Reliability (issue 8): shutdown grace period, slow clients, and per-request size limits.
+    shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
+    request_read_timeout: float = 30.0  # a request's head and body must arrive within this
+    keep_alive_timeout: float = 5.0  # idle keep-alive connections close after this
+    max_n: int = 16  # most choices per prompt (`n`, and `best_of`)
+    max_tokens_limit: Optional[int] = None  # most `max_tokens`; None: only the context length
+    max_stop_strings: int = 64  # SillyTavern sends many custom stopping strings
+    max_stop_string_chars: int = 1024
+    max_logit_bias: int = 1024  # entries of `logit_bias`
+    max_guide_bytes: int = 64 * 2**10  # guided_json/regex/grammar/choice, response_format, tools
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -71,3 +81,12 @@ class ServingConfig:
                              f"got {self.ssl_cert_reqs}")
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(f"root_path must start with '/' and not end with one, got {self.root_path!r}")
+        for name in ("shutdown_timeout", "request_read_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("max_request_body_bytes", "max_n", "max_stop_strings", "max_stop_string_chars",
+                     "max_logit_bias", "max_guide_bytes"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")

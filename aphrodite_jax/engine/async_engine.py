@@ -4,6 +4,14 @@ The engine thread owns the LLMEngine: it takes new requests and aborts from an i
 while there is work, and sleeps on a condition variable (never a timer) when idle. Outputs reach each
 request's asyncio.Queue through `loop.call_soon_threadsafe`, so the event loop never blocks on the
 device and streams are pushed the moment a step ends.
+
+Failure policy: a step that raises fails only the requests it touched (their pages are freed, their
+streams get an EngineStepError) and the engine carries on. After `MAX_CONSECUTIVE_FAILURES` failed
+steps in a row, or once the device state is gone (`LLMEngine.is_healthy()`), the engine is dead:
+every stream and queued request gets EngineDeadError, `is_running` turns False (the server's /health
+answers 503) and the `on_dead` callbacks run, so the server can exit non-zero for its supervisor.
+Overload: with `max_queue_len` set, a request arriving while that many are already waiting for a slot
+is refused with QueueFullError (the server's 503 + Retry-After) instead of queueing without bound.
 """
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from aphrodite_jax.config import EngineConfig
 from aphrodite_jax.outputs import RequestOutput
@@ -20,8 +28,19 @@ from aphrodite_jax.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+MAX_CONSECUTIVE_FAILURES = 3
+
+
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine stopped (fatal failure or shutdown); it takes no more requests."""
+
+
+class EngineStepError(RuntimeError):
+    """The step running this request raised; the request was aborted, the engine carries on."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than `max_queue_len` allows; the client should retry later."""
 
 
 class _Stream:
@@ -34,14 +53,20 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, max_queue_len: Optional[int] = None):
+        """`max_queue_len` overrides the engine config's `scheduler.max_queue_len`."""
         self.engine = engine
         self._cv = threading.Condition()
         self._inbox: deque = deque()
         self._aborts: deque = deque()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self._closed = False  # set by the engine thread on exit; add_request refuses from then on
         self.dead: Optional[BaseException] = None
+        self.on_dead: list[Callable[[BaseException], None]] = []
+        self.consecutive_failures = 0
+        self.max_queue_len: Optional[int] = max_queue_len if max_queue_len is not None else getattr(
+            getattr(getattr(engine, "config", None), "scheduler", None), "max_queue_len", None)
         self._thread = threading.Thread(target=self._run, name="aphrodite-engine", daemon=True)
         self._thread.start()
 
@@ -63,7 +88,8 @@ class AsyncLLMEngine:
     async def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,
                           prompt_token_ids: Optional[list[int]] = None,
                           add_special_tokens: bool = True) -> asyncio.Queue:
-        """Queue a request; raises the engine's validation error (e.g. prompt too long) here."""
+        """Queue a request; raises the engine's validation error (e.g. prompt too long), QueueFullError
+        or EngineDeadError here."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine is dead: {self.dead!r}")
         loop = asyncio.get_running_loop()
@@ -77,6 +103,9 @@ class AsyncLLMEngine:
         item = (request_id, prompt, sampling_params, prompt_token_ids, add_special_tokens, stream,
                 lambda exc=None: loop.call_soon_threadsafe(resolve, exc))
         with self._cv:
+            if self._closed or self._stopped:
+                raise EngineDeadError("the engine is shutting down" if self.dead is None
+                                      else f"the engine is dead: {self.dead!r}")
             self._inbox.append(item)
             self._cv.notify()
         await accepted
@@ -118,7 +147,12 @@ class AsyncLLMEngine:
         with self._cv:
             inbox, self._inbox = list(self._inbox), deque()
             aborts, self._aborts = list(self._aborts), deque()
+        waiting = self._num_waiting()
         for rid, prompt, params, ids, add_special, stream, done in inbox:
+            if self.max_queue_len is not None and waiting >= self.max_queue_len:
+                done(QueueFullError(f"the server is overloaded: {waiting} requests are already "
+                                    f"waiting (max_queue_len={self.max_queue_len}); retry later"))
+                continue
             try:
                 self.engine.add_request(rid, prompt, params, prompt_token_ids=ids,
                                         add_special_tokens=add_special)
@@ -126,29 +160,51 @@ class AsyncLLMEngine:
                 done(exc)
                 continue
             self._streams[rid] = stream
+            waiting += 1
             done(None)
         for rid in aborts:
             if rid in self._streams:
                 self.engine.abort_request(rid)
                 self._streams.pop(rid, None)
 
+    def _num_waiting(self) -> int:
+        sched = getattr(self.engine, "scheduler", None)
+        return len(getattr(sched, "waiting", ()))
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the loop itself: never leave clients hanging
+            logger.exception("the engine thread crashed")
+            self._die(exc)
+        finally:
+            with self._cv:
+                self._closed = True
+                inbox, self._inbox = list(self._inbox), deque()
+            err = EngineDeadError("the engine was shut down" if self.dead is None
+                                  else f"the engine is dead: {self.dead!r}")
+            for item in inbox:
+                item[-1](err)  # requests that never got in
+            self._fail_all(err)
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while (not self._stopped and not self._inbox and not self._aborts
                        and not self.engine.has_unfinished_requests()):
                     self._cv.wait()
                 if self._stopped:
-                    break
+                    return
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                continue
             try:
-                self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
-                    continue
                 outputs = self.engine.step()
             except Exception as exc:  # a failed step fails its requests, not the server
-                logger.exception("engine step failed")
-                self._fail_all(exc)
+                if not self._step_failed(exc):
+                    return
                 continue
+            self.consecutive_failures = 0
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
@@ -156,13 +212,44 @@ class AsyncLLMEngine:
                 stream.put(out)
                 if out.finished:
                     del self._streams[out.request_id]
-        self._fail_all(EngineDeadError("the engine was shut down"))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for rid, stream in list(self._streams.items()):
+    def _step_failed(self, exc: Exception) -> bool:
+        """Fail the failed step's requests; return False when the engine cannot go on (now dead)."""
+        self.consecutive_failures += 1
+        ids = list(getattr(self.engine, "step_request_ids", None) or self._streams)
+        logger.error("engine step failed (%d in a row), failing its %d request(s): %r",
+                     self.consecutive_failures, len(ids), exc, exc_info=exc)
+        err = EngineStepError(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
+        self._fail(ids, err)
+        healthy = getattr(self.engine, "is_healthy", lambda: True)()
+        if healthy and self.consecutive_failures < MAX_CONSECUTIVE_FAILURES:
+            return True
+        why = ("the device state was lost" if not healthy
+               else f"{self.consecutive_failures} steps failed in a row")
+        self._die(RuntimeError(f"{why}; last error: {type(exc).__name__}: {exc}"))
+        return False
+
+    def _die(self, exc: BaseException) -> None:
+        if self.dead is not None:
+            return
+        self.dead = exc
+        logger.critical("the engine is dead (%s); failing every request", exc)
+        self._fail_all(EngineDeadError(f"the engine is dead: {exc}"))
+        for callback in list(self.on_dead):
+            try:
+                callback(exc)
+            except Exception:  # pragma: no cover - a callback must not hide the death
+                logger.exception("on_dead callback failed")
+
+    def _fail(self, request_ids, exc: BaseException) -> None:
+        for rid in request_ids:
             try:
                 self.engine.abort_request(rid)
             except Exception:  # pragma: no cover - best effort while failing
                 logger.exception("abort after failure")
-            stream.put(exc)
-        self._streams.clear()
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._fail(list(self._streams), exc)

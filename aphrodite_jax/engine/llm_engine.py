@@ -64,6 +64,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.model.seed)
         self.stats = EngineStats()
+        # The requests the current (or last) step touched: if the step raises, these are the ones
+        # to fail (AsyncLLMEngine); everything else is still consistent and carries on.
+        self.step_request_ids: list[str] = []
         stack.warmup()
         from aphrodite_jax.guided.manager import GuidedDecoding
 
@@ -139,8 +142,17 @@ class LLMEngine:
                 return self._step()
         return self._step()
 
+    def is_healthy(self) -> bool:
+        """False once the device state is gone (a step that failed after donating the KV cache)."""
+        caches = getattr(self.runner, "kv_caches", None) or []
+        return not any(getattr(c, "is_deleted", lambda: False)() for c in caches)
+
     def _step(self) -> list[RequestOutput]:
+        self.step_request_ids = []
         out: SchedulerOutput = self.scheduler.schedule()
+        self.step_request_ids = list(dict.fromkeys(
+            [g.request_id for g in out.ignored] + [g.request_id for g in out.preempted]
+            + [s.group.request_id for s in out.scheduled]))
         outputs: list[RequestOutput] = []
         for group in out.ignored:
             state = self.requests.pop(group.request_id, None)

@@ -96,8 +96,9 @@ def build_app(engine: Any, config: ServingConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine.is_running:
-            return JSONResponse({"error": {"message": "the engine is not running", "type":
+        if not engine.is_running or getattr(app.state, "draining", False):
+            why = "the server is shutting down" if engine.is_running else "the engine is not running"
+            return JSONResponse({"error": {"message": why, "type":
                                            "ServiceUnavailableError", "param": None, "code": 503}},
                                 status_code=503)
         return Response(status_code=200)

@@ -27,10 +27,11 @@ class APIError(Exception):
     """Raised inside routes; rendered by the handler in OpenAI's error shape."""
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 type: Optional[str] = None):
+                 type: Optional[str] = None, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
         self.type = type or _TYPES.get(status, "BadRequestError")
+        self.headers = headers
 
 
 def error_body(message: str, status: int = 400, param: Optional[str] = None,
@@ -119,14 +120,34 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
 
 
 async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.status, exc.param, exc.type), status_code=exc.status)
+    return JSONResponse(error_body(exc.message, exc.status, exc.param, exc.type), status_code=exc.status,
+                        headers=exc.headers)
 
 
 async def _value_error_handler(request: Request, exc: ValueError) -> JSONResponse:
     return error_response(str(exc), 400, param_of(str(exc)))
 
 
+RETRY_AFTER_S = 5  # what an overloaded or draining server asks clients to wait
+
+
+def engine_error(exc: BaseException) -> Optional[APIError]:
+    """The HTTP error for an engine failure: 503 + Retry-After when it is overloaded, dead or shutting
+    down (another replica, or this one after its restart, can serve it), 500 when the step running the
+    request failed. None for anything else."""
+    from aphrodite_jax.engine.async_engine import EngineDeadError, EngineStepError, QueueFullError
+
+    if isinstance(exc, (QueueFullError, EngineDeadError)):
+        return APIError(str(exc), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineStepError):
+        return APIError(str(exc), 500)
+    return None
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    api = engine_error(exc)
+    if api is not None:
+        return await _api_error_handler(request, api)
     logger.exception("unhandled error on %s", request.url.path)
     return error_response(f"Internal error: {type(exc).__name__}", 500)
 

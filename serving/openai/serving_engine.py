@@ -11,7 +11,8 @@ from fastapi import Request
 from aphrodite_jax.guided import BACKENDS, GuidedDecodingParams, GuideError
 from aphrodite_jax.sampling_params import SamplingParams
 from serving.config import ServingConfig
-from serving.openai.errors import APIError, param_of
+from serving.openai.errors import APIError, engine_error, param_of
+from serving.openai.limits import check_limits
 from serving.openai.logprobs import TokenRenderer
 from serving.openai.protocol import GUIDED_FIELDS, SAMPLER_FIELDS, SamplingRequestBase
 
@@ -45,8 +46,9 @@ class OpenAIServing:
             raise APIError(f"The model `{name}` does not exist.", 404, "model", "NotFoundError")
 
     def check_request(self, req: SamplingRequestBase) -> None:
-        """Checks that do not need the prompt: unsupported features and streaming rules."""
+        """Checks that do not need the prompt: size limits, unsupported features and streaming rules."""
         self.check_model(req.model)
+        check_limits(req, self.config)
         if req.priority != 0:
             raise APIError(f"Got priority {req.priority} but Priority scheduling is not enabled.", 400,
                            "priority")
@@ -157,6 +159,8 @@ class OpenAIServing:
                            default: Optional[int]) -> int:
         """The effective max_tokens, or a 400 giving both lengths when the request cannot fit."""
         limit = self.max_model_len
+        if requested is None and self.config.max_tokens_limit is not None:  # the server's cap
+            default = min(default or limit, self.config.max_tokens_limit)
         if requested is None and default is not None:
             requested = min(default, max(limit - prompt_len, 1))
         if requested is None:
@@ -191,6 +195,11 @@ class OpenAIServing:
             raise APIError("the engine returned no output", 500) from None
         except ValueError as exc:
             raise APIError(str(exc), 400, param_of(str(exc), _PARAMS) or "prompt") from None
+        except Exception as exc:
+            api = engine_error(exc)
+            if api is None:
+                raise
+            raise api from None
         return first, queue_gen
 
 
@@ -235,7 +244,7 @@ async def merged_outputs(request: Request, firsts: list, gens: list) -> AsyncIte
             if item is done:
                 remaining -= 1
             elif isinstance(item, BaseException):
-                raise item
+                raise engine_error(item) or item
             else:
                 yield i, item
     finally:

@@ -1,0 +1,58 @@
+"""Size limits on what one request may ask for (ServingConfig's max_* fields), each a 400 naming the field.
+
+The body limit (413) bounds the bytes; these bound the work a valid-looking body can cause: choices
+per prompt, output length, stop strings scanned on every token, logit_bias entries, and guides (a
+huge JSON schema or grammar compiles slowly whatever the guided-decoding backend). The check reads
+fields by name, so it applies to any request model that has them.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from serving.config import ServingConfig
+from serving.openai.errors import APIError
+
+GUIDE_FIELDS = ("guided_json", "guided_regex", "guided_grammar", "guided_choice",
+                "guided_whitespace_pattern", "response_format", "tools")
+
+
+def _size(value: Any) -> int:
+    """Bytes of a guide as the server would hold it (JSON for structured values)."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+
+
+def check_limits(req: Any, config: ServingConfig) -> None:
+    for name in ("n", "best_of"):
+        value = getattr(req, name, None)
+        if isinstance(value, int) and value > config.max_n:
+            raise APIError(f"`{name}` must be at most {config.max_n} on this server, got {value}.", 400, name)
+    max_tokens = getattr(req, "max_tokens", None)
+    if isinstance(max_tokens, int) and config.max_tokens_limit is not None \
+            and max_tokens > config.max_tokens_limit:
+        raise APIError(f"`max_tokens` must be at most {config.max_tokens_limit} on this server, got "
+                       f"{max_tokens}.", 400, "max_tokens")
+    stop = getattr(req, "stop", None)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > config.max_stop_strings:
+        raise APIError(f"`stop` may hold at most {config.max_stop_strings} strings, got {len(stops)}.",
+                       400, "stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > config.max_stop_string_chars:
+        raise APIError(f"`stop` strings may be at most {config.max_stop_string_chars} characters long, "
+                       f"got one of {longest}.", 400, "stop")
+    bias = getattr(req, "logit_bias", None)
+    if bias is not None and len(bias) > config.max_logit_bias:
+        raise APIError(f"`logit_bias` may hold at most {config.max_logit_bias} entries, got {len(bias)}.",
+                       400, "logit_bias")
+    for name in GUIDE_FIELDS:
+        size = _size(getattr(req, name, None))
+        if size > config.max_guide_bytes:
+            raise APIError(f"`{name}` is {size} bytes; this server accepts guides of at most "
+                           f"{config.max_guide_bytes} bytes.", 400, name)
