@@ -107,7 +107,8 @@ def uvicorn_config(app: Any, serving_config: ServingConfig, host: Optional[str] 
                           log_level=serving_config.uvicorn_log_level,
                           timeout_graceful_shutdown=max(1, round(serving_config.shutdown_timeout)),
                           timeout_keep_alive=serving_config.keep_alive_timeout,
-                          http=timed_h11_protocol(serving_config.request_read_timeout))
+                          http=timed_h11_protocol(serving_config.request_read_timeout),
+                          **uvicorn_ssl_kwargs(serving_config))
 
 
 def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> int:
