@@ -25,6 +25,7 @@ from serving.config import ServingConfig
 from serving.kobold.protocol import (PARAM_TO_KAI, KAIGenerationInput, KoboldRequestError, dry_breakers,
                                      to_sampling_kwargs)
 from serving.openai.errors import APIError, param_of
+from serving.openai.limits import KOBOLD_NAMES, check_limits
 from serving.openai.serving_engine import OpenAIServing, merged_outputs
 
 logger = logging.getLogger("aphrodite_jax.serving.kobold")
@@ -139,6 +140,7 @@ class KoboldServing:
         genkey = req.genkey or f"kai-{uuid.uuid4().hex}"
         if genkey in self.jobs:
             raise APIError(f"genkey {genkey!r} is already generating", 400, "genkey")
+        check_limits(req, self.config, KOBOLD_NAMES)
         ids = self.prompt_ids(req)
         params = self.params(req, len(ids), await self.guide(req))
         self.log(route, req, genkey)

@@ -76,6 +76,13 @@ def test_each_limit_is_a_400_naming_its_field(limited):
         ("/v1/chat/completions", {**m, "tools": [{"type": "function", "function": {
             "name": "f", "parameters": big_schema}}]}, "tools"),
     ]
+    k = {"prompt": "Hi", "max_context_length": 512, "max_length": 2}  # the Kobold API, same limits
+    cases += [
+        ("/api/v1/generate", {**k, "n": 5}, "n"),
+        ("/api/v1/generate", {**k, "max_length": 33}, "max_length"),
+        ("/api/extra/generate/stream", {**k, "stop_sequence": [str(i) for i in range(9)]}, "stop_sequence"),
+        ("/api/v1/generate", {**k, "grammar": "root ::= " + " | ".join(['"x"'] * 500)}, "grammar"),
+    ]
     with httpx.Client(base_url=limited, timeout=120) as h:
         for route, body, param in cases:
             _check_400(h.post(route, json=body), param)
