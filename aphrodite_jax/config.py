@@ -85,8 +85,8 @@ class SchedulerConfig:
                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         _check(self.preemption_mode in ("recompute", "swap"),
                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
-        _check(self.max_queue_len is None or self.max_queue_len >= 0,
-               f"max_queue_len must be >= 0, got {self.max_queue_len}")
+        _check(self.max_queue_len is None or self.max_queue_len >= 1,
+               f"max_queue_len must be >= 1, got {self.max_queue_len}")
 
 
 @dataclass

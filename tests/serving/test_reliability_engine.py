@@ -182,4 +182,4 @@ def test_max_queue_len_flag_reaches_the_engine_config():
     from serving.args import CLIError
 
     with pytest.raises(CLIError, match="max_queue_len"):
-        parse_flat(["--max-queue-len", "-1"])
+        parse_flat(["--max-queue-len", "0"])
