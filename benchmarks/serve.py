@@ -297,6 +297,7 @@ class ManagedServer:
         if _http_ok(self.url + "/v1/models"):
             raise RuntimeError(f"something already answers on {self.url}; stop it or pick another port")
         log = open(self.log_path, "ab")
+        self.log_offset = log.tell()
         log.write(f"\n===== {time.strftime('%H:%M:%S')} {self.cmd}\n".encode())
         log.flush()
         t0 = time.perf_counter()
@@ -328,6 +329,12 @@ class ManagedServer:
             except subprocess.TimeoutExpired:
                 continue
         self.proc = None
+
+    def log_since_start(self) -> str:
+        """What the server wrote since its last start."""
+        with open(self.log_path, "rb") as f:
+            f.seek(getattr(self, "log_offset", 0))
+            return f.read().decode(errors="replace")
 
     def log_tail(self, n: int = 15) -> str:
         try:
@@ -474,20 +481,20 @@ def format_ratios(summary: dict) -> str:
 
 def startup_runs(args) -> None:
     """Ready time of --server-cmd, cold then warm: '{cache}' in the command becomes one fresh temp dir."""
-    cache = tempfile.mkdtemp(prefix="aphrodite-jax-cc-")
-    cmd = args.server_cmd.replace("{cache}", cache)
+    cache = tempfile.mkdtemp(prefix="aphrodite-jax-cc-") if "{cache}" in args.server_cmd else None
+    cmd = args.server_cmd.replace("{cache}", cache) if cache else args.server_cmd
     url = args.url or url_from_cmd(cmd, 2242)
     rows = []
     for i in range(args.startup_runs):
         srv = ManagedServer("ours", cmd, url, args.log, args.ready_timeout)
-        size_before = sum(len(fs) for _, _, fs in os.walk(cache))
+        size_before = sum(len(fs) for _, _, fs in os.walk(cache)) if cache else None
         try:
             ready = srv.start()
         finally:
             srv.stop()
-        kind = "cold" if i == 0 and "{cache}" in args.server_cmd else "warm" if "{cache}" in args.server_cmd else "-"
+        kind = "-" if cache is None else "cold" if i == 0 else "warm"
         row = {"run": i, "cache": kind, "cache_files_before": size_before, "ready_s": round(ready, 2),
-               **startup_breakdown(srv.log_tail(400))}
+               **startup_breakdown(srv.log_since_start())}
         rows.append(row)
         print(f"[serve.py] start {i} ({kind}): ready in {ready:.1f} s {row} ({machine_load()})", flush=True)
     print("JSON " + json.dumps({"load": machine_load(), "startup": rows, "cache_dir": cache}))
