@@ -225,8 +225,8 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
                         return res
                     if msg.get("usage") and msg["usage"].get("completion_tokens") is not None:
                         usage_tokens = int(msg["usage"]["completion_tokens"])
-                    if not msg.get("choices"):
-                        continue
+                    if not any(c.get("text") for c in msg.get("choices") or ()):
+                        continue  # usage-only or finish-only chunks carry no token
                     if res.ttft is None:
                         res.ttft = now - t0
                     elif last is not None:

@@ -171,6 +171,7 @@ def test_run_load_counts_tokens_from_usage_and_chunks():
 
     async def body(with_usage):
         chunks = [{"choices": [{"text": t, "index": 0}]} for t in ("a", "b", "c")]
+        chunks.append({"choices": [{"text": "", "index": 0, "finish_reason": "length"}]})  # not a token
         if with_usage:
             chunks.append({"choices": [], "usage": {"completion_tokens": 5}})
         data = _sse(chunks)
