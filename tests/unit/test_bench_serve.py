@@ -166,7 +166,7 @@ def _sse(objs):
 
 
 def test_run_load_counts_tokens_from_usage_and_chunks():
-    """Usage wins when the server sends it; otherwise every chunk with a choice is one token."""
+    """Usage wins when the server sends it; otherwise every chunk with text is one token."""
     seen = []
 
     async def body(with_usage):
