@@ -115,6 +115,11 @@ class SamplingParams:
     token_ban_ranges: Optional[list[tuple]] = None
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    # Kobold's rep_pen_range / rep_pen_slope (KoboldCpp semantics; an extension of Aphrodite's set):
+    # the repetition penalty looks at the last `range` tokens of prompt + output only (0 = all), and
+    # tokens seen only in the older half of that window get 1 + (penalty - 1) * slope (1 = flat).
+    repetition_penalty_range: int = 0
+    repetition_penalty_slope: float = 1.0
     mirostat_mode: int = 0  # 0 off, 2 Mirostat v2 (v0.5.3 semantics; Kobold clients send it)
     mirostat_tau: float = 0.0
     mirostat_eta: float = 0.0
@@ -250,6 +255,11 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not isinstance(self.repetition_penalty_range, int) or self.repetition_penalty_range < 0:
+            raise ValueError(f"repetition_penalty_range must be a non-negative integer, got "
+                             f"{self.repetition_penalty_range}.")
+        if self.repetition_penalty_slope < 0.0:
+            raise ValueError(f"repetition_penalty_slope must be non-negative, got {self.repetition_penalty_slope}.")
         if self.repetition_penalty < 1.0:
             raise ValueError(f"repetition_penalty must be in [1, inf), got {self.repetition_penalty}.")
         if self.temperature < 0.0:

@@ -34,22 +34,35 @@ def history_parts(md):
 @register_sampler(
     "penalties",
     fields={"repetition_penalty": (1.0, np.float32), "frequency_penalty": (0.0, np.float32),
-            "presence_penalty": (0.0, np.float32)},
+            "presence_penalty": (0.0, np.float32), "repetition_penalty_range": (0, np.int32),
+            "repetition_penalty_slope": (1.0, np.float32)},
     active=lambda p: ((abs(p["presence_penalty"]) >= _EPS) | (abs(p["frequency_penalty"]) >= _EPS)
                       | (p["repetition_penalty"] > 1.0 + _EPS)),
 )
 def penalties(logits, p, md):
-    """Repetition over prompt+output, then frequency and presence over output tokens (spec 3.2).
+    """Repetition over prompt+output (optionally a window of the last tokens, its older half with a
+    reduced penalty), then frequency and presence over output tokens (spec 3.2).
 
     The token history comes as a right-aligned id array (md.history_ids [B, H], the output being its
     last md.output_len entries); the [B, V] counts are built here on device with a scatter-add, so the
     host never sends [B, V] data.
     """
-    v = logits.shape[-1]
+    b, v = logits.shape
     hist, is_out = history_parts(md)
+    width = hist.shape[1]
     out_counts = token_counts(jnp.where(is_out, hist, v), v)  # [B, V]
-    seen = token_counts(hist, v) > 0  # [B, V]
+    # The repetition window (Kobold's rep_pen_range, 0 = all) and its newer half (full penalty; the
+    # older half gets the slope-reduced one).
+    rng = p["repetition_penalty_range"]
+    length = jnp.where(rng > 0, jnp.minimum(md.history_len, rng), md.history_len)  # [B]
+    col = jnp.arange(width)[None, :]
+    in_window = col >= (width - length)[:, None]  # [B, H]
+    newer = col >= (width - length + length // 2)[:, None]
+    seen = token_counts(jnp.where(in_window, hist, v), v) > 0  # [B, V]
+    seen_newer = token_counts(jnp.where(newer, hist, v), v) > 0
     rep = p["repetition_penalty"][:, None]  # [B, 1]
+    reduced = 1.0 + (rep - 1.0) * p["repetition_penalty_slope"][:, None]
+    rep = jnp.where(seen_newer, rep, reduced)  # [B, V]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - p["frequency_penalty"][:, None] * out_counts.astype(logits.dtype)
     logits = logits - p["presence_penalty"][:, None] * (out_counts > 0).astype(logits.dtype)

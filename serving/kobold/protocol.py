@@ -31,7 +31,8 @@ PARAM_TO_KAI = {"repetition_penalty": "rep_pen", "typical_p": "typical", "epsilo
                 "sampler_priority": "sampler_order", "custom_token_bans": "banned_tokens",
                 "dynatemp_min": "dynatemp_range", "dynatemp_max": "dynatemp_range",
                 "dry_range": "dry_penalty_last_n", "ignore_eos": "bypass_eos",
-                "mirostat_mode": "mirostat"}
+                "mirostat_mode": "mirostat", "repetition_penalty_range": "rep_pen_range",
+                "repetition_penalty_slope": "rep_pen_slope"}
 
 
 class KAIGenerationInput(BaseModel):
@@ -202,18 +203,7 @@ def to_sampling_kwargs(req: KAIGenerationInput, *, prompt_len: int, badwords: An
     if req.dynatemp_range > 0 and not greedy:  # design decision 17: [T - range, T + range]
         kw.update(dynatemp_min=max(0.0, req.temperature - req.dynatemp_range),
                   dynatemp_max=req.temperature + req.dynatemp_range, dynatemp_exponent=req.dynatemp_exponent)
-    # rep_pen_range: the engine's repetition penalty covers the whole context. A window that covers
-    # everything the request can see (or 0 = all, or a neutral rep_pen) is therefore exact; a shorter one
-    # would be silently different, so it is refused.
-    window_all = req.rep_pen_range <= 0 or req.rep_pen_range >= prompt_len + req.max_length
-    if req.rep_pen > 1.0 + 1e-5 and not window_all:
-        raise KoboldRequestError(
-            f"rep_pen_range: a repetition-penalty window ({req.rep_pen_range} tokens) shorter than the "
-            f"context ({prompt_len} prompt + {req.max_length} new tokens) is not supported yet; send 0 to "
-            "penalize the whole context", "rep_pen_range")
-    if req.rep_pen > 1.0 + 1e-5 and req.rep_pen_slope not in (0.0, 1.0):
-        raise KoboldRequestError("rep_pen_slope: a sloped repetition penalty is not supported yet "
-                                 "(send 1 or 0 for a flat one)", "rep_pen_slope")
+    kw.update(repetition_penalty_range=max(req.rep_pen_range, 0), repetition_penalty_slope=req.rep_pen_slope)
     if req.sampler_order:
         prio = sampler_priority(req.sampler_order)
         if prio is not None and _reorders_active(prio, kw, greedy):

@@ -64,7 +64,8 @@ SAMPLER_FIELDS = (
     "xtc_probability", "nsigma", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_range",
     "dry_max_ngram", "dry_max_occurrences", "dry_early_exit_match_len", "skew", "sampler_priority",
     "no_repeat_ngram_size", "token_ban_ranges", "logit_bias", "allowed_token_ids",
-    "mirostat_mode", "mirostat_tau", "mirostat_eta", "extra_args",
+    "mirostat_mode", "mirostat_tau", "mirostat_eta", "extra_args", "repetition_penalty_range",
+    "repetition_penalty_slope",
 )
 
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
@@ -127,6 +128,8 @@ class SamplingRequestBase(OpenAIBaseModel):
     token_ban_ranges: Optional[list[list[Any]]] = None
     logit_bias: Optional[dict[str, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    repetition_penalty_range: int = 0
+    repetition_penalty_slope: float = 1.0
     mirostat_mode: int = 0
     mirostat_tau: float = 0.0
     mirostat_eta: float = 0.0

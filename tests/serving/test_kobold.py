@@ -182,7 +182,7 @@ def test_abort_stream_mid_generation(server, http):
 def test_kobold_errors(http):
     base = {**LITE, "prompt": PROMPT}
     cases = [({"max_length": 100, "max_context_length": 50}, "max_length"),
-             ({"rep_pen": 1.2, "rep_pen_range": 4}, "rep_pen_range"),
+             ({"rep_pen": 1.2, "rep_pen_slope": -1}, "rep_pen_slope"),
              ({"grammar": "root ::= ( unclosed"}, "grammar"),
              ({"top_p": 0}, "top_p"),
              ({"rep_pen": 0.5, "rep_pen_range": 0}, "rep_pen"),
@@ -208,6 +208,9 @@ _LITE_ORDER = sampler_priority([6, 0, 1, 3, 4, 2, 5])
 CASES = [
     ("rep_pen", {"rep_pen": 1.5}, {"repetition_penalty": 1.5}),
     ("rep_pen_range covering the context", {"rep_pen": 1.5, "rep_pen_range": 1024}, {"repetition_penalty": 1.5}),
+    ("rep_pen_range window and slope", {"prompt": "the cat sat on the mat. the cat sat on the mat. the cat",
+                                         "rep_pen": 3.0, "rep_pen_range": 6, "rep_pen_slope": 0.5},
+     {"repetition_penalty": 3.0, "repetition_penalty_range": 6, "repetition_penalty_slope": 0.5}),
     ("presence_penalty", {"presence_penalty": 2.0}, {"presence_penalty": 2.0}),
     ("top_k", {"top_k": 2}, {"top_k": 2}),
     ("top_a", {"top_a": 0.6}, {"top_a": 0.6}),

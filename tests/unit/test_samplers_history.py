@@ -249,3 +249,28 @@ def test_research_sampler_registered_placed_and_fed_from_extra_args():
             process_logits(logits[:1], [SP(extra_args={"nope": 1.0})])
     finally:
         unregister_sampler("shift_top")
+
+
+def test_repetition_penalty_window_and_slope_vs_numpy():
+    """Kobold's rep_pen_range / rep_pen_slope: only the last `range` tokens count, and tokens seen only
+    in the older half of that window get 1 + (penalty - 1) * slope."""
+    v = 1000
+    logits = _logits(4, v, seed=9)
+    hist = [int(t) for t in np.random.default_rng(9).integers(0, 40, 30)]
+    params = [SP(repetition_penalty=2.0), SP(repetition_penalty=2.0, repetition_penalty_range=10),
+              SP(repetition_penalty=2.0, repetition_penalty_range=10, repetition_penalty_slope=0.5),
+              SP(repetition_penalty=2.0, repetition_penalty_slope=0.0)]
+    got = np.asarray(process_logits(logits, params, [(hist[:20], hist[20:])] * 4))
+
+    def want(l, rep, rng, slope):
+        x = hist[-rng:] if rng else hist
+        older, newer = set(x[:len(x) // 2]), set(x[len(x) // 2:])
+        out = l.astype(np.float64).copy()
+        for t in older | newer:
+            pen = rep if t in newer else 1.0 + (rep - 1.0) * slope
+            out[t] = out[t] / pen if out[t] > 0 else out[t] * pen
+        return out
+
+    for i, (rng, slope) in enumerate([(0, 1.0), (10, 1.0), (10, 0.5), (0, 0.0)]):
+        _same_values(got[i], want(logits[i], 2.0, rng, slope))
+    assert not np.allclose(got[0], got[1]) and not np.allclose(got[1], got[2])
