@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any, Optional, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from aphrodite_jax.sampling_params import SamplingParams
 
@@ -110,6 +110,23 @@ class KAIGenerationInput(BaseModel):
     s5: Optional[int] = None
     s6: Optional[int] = None
     s7: Optional[int] = None
+    # Fields of registered research samplers (docs/samplers.md), sent as top-level keys.
+    extra_args: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_research_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from aphrodite_jax.sampling.registry import custom_field_names
+
+        found = {k: data[k] for k in custom_field_names() - set(cls.model_fields) if k in data}
+        if not found:
+            return data
+        data = {k: v for k, v in data.items() if k not in found}
+        extra = data.get("extra_args")
+        data["extra_args"] = {**found, **(extra if isinstance(extra, dict) else {})}
+        return data
 
 
 class KoboldRequestError(ValueError):
@@ -204,6 +221,8 @@ def to_sampling_kwargs(req: KAIGenerationInput, *, prompt_len: int, badwords: An
         kw.update(dynatemp_min=max(0.0, req.temperature - req.dynatemp_range),
                   dynatemp_max=req.temperature + req.dynatemp_range, dynatemp_exponent=req.dynatemp_exponent)
     kw.update(repetition_penalty_range=max(req.rep_pen_range, 0), repetition_penalty_slope=req.rep_pen_slope)
+    if req.extra_args:
+        kw["extra_args"] = dict(req.extra_args)
     if req.sampler_order:
         prio = sampler_priority(req.sampler_order)
         if prio is not None and _reorders_active(prio, kw, greedy):

@@ -156,6 +156,14 @@ def test_research_sampler_through_extra_body(server, client, model):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=model, prompt=STORY, max_tokens=1,
                                       extra_body={"extra_args": {"no_such_field": 1}})
+        # The Kobold API takes the same top-level field.
+        import httpx
+
+        k = httpx.post(server.base_url + "/api/v1/generate", timeout=120,
+                       json={"prompt": STORY, "max_length": 3, "max_context_length": 2048, "temperature": 1.0,
+                             "rep_pen": 1.0, "force_token_id": 28})
+        assert k.status_code == 200, k.text
+        assert k.json()["results"][0]["text"] == server.engine.tokenizer.decode([28] * 3)
     finally:
         unregister_sampler("force_token")
 
