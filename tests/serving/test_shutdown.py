@@ -111,5 +111,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path):
     assert finished or error is not None or events[-1] != "[DONE]" or "error" in events[-2], events[-3:]
     assert "SIGTERM: no new requests" in text and "shutting down the engine" in text, text
     print(f"SIGTERM to exit: {waited:.1f} s (grace {GRACE} s); stream events before the cut: {len(events)}")
+    print("\n".join(line for line in text.splitlines()
+                    if any(w in line for w in ("SIGTERM", "Shutting down", "Cancel", "shutting down", "Finished"))))
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/health", timeout=5)
