@@ -32,7 +32,7 @@ class FuzzReport:
     failures: list = field(default_factory=list)  # (reason, curl command, response text)
 
     def line(self) -> str:
-        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_status.items()))
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_status.items(), key=lambda kv: str(kv[0])))
         return f"{self.requests} requests ({statuses}); {len(self.failures)} failures"
 
 
@@ -108,12 +108,18 @@ def run_fuzz(base_url: str, examples: int, seed: int = 0, timeout: float = 120.0
             report.requests += 1
             report.by_status["error"] += 1
             report.failures.append((f"transport error: {exc!r}", case.as_curl_command(), ""))
+            if verbose:
+                print(f"[fuzz] FAILURE transport error {exc!r}\n  {case.as_curl_command()[:2000]}",
+                      file=sys.stderr, flush=True)
             return
         report.requests += 1
         report.by_status[resp.status_code] += 1
         problem = check_response(case, resp)
         if problem:
             report.failures.append((problem, case.as_curl_command(), resp.text[:2000]))
+            if verbose:
+                print(f"[fuzz] FAILURE {problem}\n  {case.as_curl_command()}\n  {resp.text[:500]}",
+                      file=sys.stderr, flush=True)
         if verbose and report.requests % 100 == 0:
             print(f"[fuzz] {report.line()}", file=sys.stderr, flush=True)
 

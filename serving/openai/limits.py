@@ -30,9 +30,33 @@ def _size(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
 
 
+INT32 = (-2**31, 2**31 - 1)
+
+
+def _ints(value: Any):
+    """Every int inside a field value (lists of ids, ranges), bools excluded."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _ints(v)
+
+
+def check_int_ranges(req: Any) -> None:
+    """Integer fields reach the device as int32 sampler parameters: a larger value is a 400 here,
+    not an OverflowError inside an engine step (found by fuzzing). Seeds are hashed, so any int64 goes."""
+    for name, value in vars(req).items():
+        if "seed" in name:
+            continue
+        for v in _ints(value):
+            if not INT32[0] <= v <= INT32[1]:
+                raise APIError(f"`{name}` is out of range: {v} does not fit a 32-bit signed integer.", 400, name)
+
+
 def check_limits(req: Any, config: ServingConfig, names: Optional[dict] = None) -> None:
     """Raise a 400 naming the first field over its limit. `names` renames fields (KOBOLD_NAMES)."""
     names = names or {}
+    check_int_ranges(req)
     max_tokens_name, stop_name = names.get("max_tokens", "max_tokens"), names.get("stop", "stop")
     for name in ("n", "best_of"):
         value = getattr(req, name, None)

@@ -58,6 +58,10 @@ def test_each_limit_is_a_400_naming_its_field(limited):
     m = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     cases = [
         ("/v1/completions", {**c, "n": 5}, "n"),
+        # Found by fuzzing: ints past int32 overflowed inside the engine step (a 500).
+        ("/v1/completions", {**c, "top_k": 2**40}, "top_k"),
+        ("/v1/chat/completions", {**m, "dry_range": 4816675416}, "dry_range"),
+        ("/v1/completions", {**c, "stop_token_ids": [1, 2**63]}, "stop_token_ids"),
         ("/v1/completions", {**c, "n": 2, "best_of": 5}, "best_of"),
         ("/v1/completions", {**c, "max_tokens": 33}, "max_tokens"),
         ("/v1/chat/completions", {"model": "default", "messages": m["messages"], "max_completion_tokens": 33},
@@ -79,6 +83,7 @@ def test_each_limit_is_a_400_naming_its_field(limited):
     k = {"prompt": "Hi", "max_context_length": 512, "max_length": 2}  # the Kobold API, same limits
     cases += [
         ("/api/v1/generate", {**k, "n": 5}, "n"),
+        ("/api/v1/generate", {**k, "top_k": 2**40}, "top_k"),
         ("/api/v1/generate", {**k, "max_length": 33}, "max_length"),
         ("/api/extra/generate/stream", {**k, "stop_sequence": [str(i) for i in range(9)]}, "stop_sequence"),
         ("/api/v1/generate", {**k, "grammar": "root ::= " + " | ".join(['"x"'] * 500)}, "grammar"),
