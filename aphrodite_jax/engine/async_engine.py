@@ -43,6 +43,10 @@ class QueueFullError(RuntimeError):
     """More requests are waiting than `max_queue_len` allows; the client should retry later."""
 
 
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by `abort()` while someone was still reading its stream."""
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -163,9 +167,11 @@ class AsyncLLMEngine:
             waiting += 1
             done(None)
         for rid in aborts:
-            if rid in self._streams:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
                 self.engine.abort_request(rid)
-                self._streams.pop(rid, None)
+                # End the stream, so a reader other than the aborter does not wait forever.
+                stream.put(RequestAbortedError(f"request {rid} was aborted"))
 
     def _num_waiting(self) -> int:
         sched = getattr(self.engine, "scheduler", None)
