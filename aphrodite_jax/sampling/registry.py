@@ -136,6 +136,20 @@ def custom_field_names() -> set[str]:
     return {f for f in all_fields() if f not in attrs and f != "mirostat_mu"}
 
 
+def move_research_fields(data: Any, declared: set[str]) -> Any:
+    """For the HTTP request models: top-level keys that are research-sampler fields (and not fields
+    the model declares itself) move into `extra_args`, so `extra="forbid"` still refuses typos."""
+    if not isinstance(data, dict):
+        return data
+    found = {k: data[k] for k in custom_field_names() - declared if k in data}
+    if not found:
+        return data
+    data = {k: v for k, v in data.items() if k not in found}
+    extra = data.get("extra_args")
+    data["extra_args"] = {**found, **(extra if isinstance(extra, dict) else {})}
+    return data
+
+
 def all_fields() -> dict[str, tuple[Any, Any]]:
     """Every per-row field of every registered step: name -> (off value, dtype)."""
     out: dict[str, tuple[Any, Any]] = {}

@@ -159,18 +159,9 @@ class SamplingRequestBase(OpenAIBaseModel):
     @model_validator(mode="before")
     @classmethod
     def _collect_research_fields(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        from aphrodite_jax.sampling.registry import custom_field_names
+        from aphrodite_jax.sampling.registry import move_research_fields
 
-        names = custom_field_names() - set(cls.model_fields)
-        found = {k: data[k] for k in names if k in data}
-        if not found:
-            return data
-        data = {k: v for k, v in data.items() if k not in found}
-        extra = data.get("extra_args")
-        data["extra_args"] = {**found, **(extra if isinstance(extra, dict) else {})}
-        return data
+        return move_research_fields(data, set(cls.model_fields))
 
     def to_sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields the client set (defaults stay SamplingParams' own)."""

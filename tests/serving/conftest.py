@@ -15,3 +15,16 @@ def server(default_llm):
     handle = start_server(default_llm.engine)
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client on the module's server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

@@ -15,16 +15,6 @@ PROMPT = "The capital of France is"
 BEAM = {"use_beam_search": True, "best_of": 4}
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def engine_beams(server, ids, **kw):
     """The engine's own beam search for prompt ids (ground truth for the HTTP answers)."""
     async def go():

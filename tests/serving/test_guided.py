@@ -60,16 +60,6 @@ NUMBER: /[1-9][0-9]?/
 '''
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def run_all(calls):
     with ThreadPoolExecutor(len(calls)) as pool:
         return list(pool.map(lambda f: f(), calls))

@@ -53,16 +53,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def _first_step(client, model, prompt, body):
     """[{token: logprob}] of the first two generated tokens' top 20 (the processed distribution;
     the second step shows the penalties that only count generated tokens)."""

@@ -43,11 +43,6 @@ def client(tool_server):
     return openai.OpenAI(base_url=tool_server.v1, api_key="x", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def check_calls(calls, names):
     assert calls, "no tool calls"
     for c in calls:
