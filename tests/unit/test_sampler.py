@@ -312,3 +312,26 @@ def test_registry_adds_a_step_only_for_active_rows():
     finally:
         unregister_sampler("test_shift")
     assert "test_shift" not in [s.name for s in registered_steps()]
+
+
+@pytest.mark.parametrize("v", (1000, 49152))
+def test_top_k_top_p_on_peaky_rows_vs_numpy(v):
+    """Top-k / top-p on peaky rows whose kept sets are small (the usual serving case), at real vocab
+    sizes; the check below confirms the cutoffs fall inside the top 256 tokens."""
+    rng = np.random.default_rng(v + 5)
+    logits = (rng.normal(size=(6, v)) * 6).astype(np.float32)  # peaky: the top 256 hold most mass
+    rows = [(SP(), 0, 0), (SP(top_k=40), 0, 0), (SP(top_p=0.8), 0, 0), (SP(top_k=200, top_p=0.5), 0, 0),
+            (SP(top_k=1), 0, 0), (SP(top_p=0.95, temperature=1.2), 0, 0)]
+    for i, (sp, _, _) in enumerate(rows):
+        l = logits[i].astype(np.float64) / (sp.temperature if sp.temperature > 0 else 1.0)
+        top = np.sort(l)[::-1][:256]
+        if sp.top_k > 0:
+            top = top[:sp.top_k]
+        if sp.top_p < 1:
+            pr = np.exp(top - np.logaddexp.reduce(l if sp.top_k <= 0 else top))
+            assert np.cumsum(pr)[-1] >= sp.top_p and np.argmax(np.cumsum(pr) >= sp.top_p) < len(top) - 1
+    got = via_api(rows, logits)
+    np.testing.assert_array_equal(got[0], logits[0])
+    for i, r in enumerate(rows):
+        _assert_same_distribution(got[i], np_chain(logits[i], r[0]))
+    assert np.isfinite(got[1]).sum() == 40 and np.isfinite(got[4]).sum() == 1
