@@ -254,7 +254,9 @@ async def run_load(url: str, model: str, prompts: list[str], output_len: int, co
     for p in prompts:
         queue.put_nowait(p)
     results: list[RequestResult] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # A fresh connection per request: llama-server may close a kept-alive one after a stream, and httpx would
+    # then fail the next request on it ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits,
                                  transport=transport) as client:
         async def worker() -> None:
@@ -315,19 +317,28 @@ class ManagedServer:
         raise RuntimeError(f"{self.name} was not ready within {self.ready_timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
+        """SIGTERM the whole process group, SIGKILL what is left after 30 s; return once no member is left
+        (the shell that ran the command may exit before the server it started has finished draining)."""
+        if self.proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
+            deadline = time.perf_counter() + wait
+            while time.perf_counter() < deadline:
+                self.proc.poll()  # reap the shell: a zombie still counts as a member of the group
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
                 continue
+            break
+        self.proc.poll()
         self.proc = None
 
     def log_since_start(self) -> str:
