@@ -1,4 +1,5 @@
-"""The built-in sampler steps (spec section 3.2): penalties, temperature, top-p/top-k, min-p.
+"""The built-in sampler steps (spec section 3.2): penalties, top-p/top-k, min-p (temperature with
+dynamic temperature lives in filters_extra.py).
 
 Each is a pure function (logits f32[B, V], params {name: [B]}, md) -> f32[B, V], registered by name.
 Greedy rows carry neutral values (temperature 1, no truncation), as Aphrodite resets them.
@@ -67,23 +68,6 @@ def penalties(logits, p, md):
     logits = logits - p["frequency_penalty"][:, None] * out_counts.astype(logits.dtype)
     logits = logits - p["presence_penalty"][:, None] * (out_counts > 0).astype(logits.dtype)
     return logits
-
-
-def _temperature_host(sp):
-    # Greedy rows (T < 1e-5) are treated as T = 1 inside the chain; the argmax is taken at the end.
-    return {"temperature": 1.0 if sp.temperature < _EPS else sp.temperature}
-
-
-@register_sampler("temperature", fields={"temperature": (1.0, np.float32)},
-                  active=lambda p: abs(p["temperature"] - 1.0) >= _EPS, host=_temperature_host)
-def temperature(logits, p, md):
-    """l <- (l - max l) / T, T floored at 2e-5 (the shift changes nothing but the numerics)."""
-    t = jnp.maximum(p["temperature"], _TEMPERATURE_MIN)[:, None]  # [B, 1]
-    return (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
-
-
-def _top_p_top_k_host(sp):
-    return {"top_p": sp.top_p, "top_k": -1 if sp.top_k is None or sp.top_k <= 0 else sp.top_k}
 
 
 def _sortable(x: jax.Array) -> jax.Array:

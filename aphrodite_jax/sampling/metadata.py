@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from aphrodite_jax.sampling import filters as _filters  # noqa: F401  (registers the built-in steps)
-from aphrodite_jax.sampling.registry import (HISTORY_STEPS, all_fields, chain_steps, host_values,
+from aphrodite_jax.sampling.registry import (all_fields, chain_steps, host_values,
                                              registered_steps, row_order)
 from aphrodite_jax.sampling_params import SamplingParams
 
@@ -134,8 +134,8 @@ def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: i
         for step in steps:
             for name, val in host_values(step, sp).items():
                 params[name][i] = val
-        if "mirostat_mu" in params and sp.mirostat_mode == 2:
-            params["mirostat_mu"][i] = 2.0 * sp.mirostat_tau if r.mirostat_mu is None else r.mirostat_mu
+        if r.mirostat_mu is not None and "mirostat_mu" in params and sp.mirostat_mode == 2:
+            params["mirostat_mu"][i] = r.mirostat_mu  # the step's host default is the initial 2 * tau
         greedy[i] = sp.temperature < _EPS
         key_data[i] = seed_key_data(r.seed)
         output_index[i] = r.output_index
@@ -181,12 +181,3 @@ def make_sampling_metadata(rows: Sequence[Any], batch_bucket: int, vocab_size: i
         dry_breakers[i, :len(breakers[i])] = breakers[i]
     return SamplingMetadata(params, greedy, key_data, output_index, bias_ids, bias_vals, allowed_ids,
                             has_allowed, history_ids, history_len, out_lens, order, dry_breakers)
-
-
-def batch_statics(rows: Sequence[Any]) -> tuple[bool, int]:
-    """(all_greedy, max_num_logprobs) of a batch; a runner that wants no recompiles passes its
-    configured max_logprobs instead of the second value."""
-    rows = [r if isinstance(r, SamplingRow) else SamplingRow(*r) for r in rows]
-    all_greedy = all(r.params.temperature < _EPS for r in rows)
-    k = max((r.params.logprobs or 0 for r in rows), default=0)
-    return all_greedy, k

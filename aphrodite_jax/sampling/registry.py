@@ -38,7 +38,6 @@ DEFAULT_ORDER: tuple[str, ...] = (
     "mirostat", "skew",  # TAIL: Mirostat v2 on the final chain output, then skew (post-softmax)
 )
 TAIL: tuple[str, ...] = ("mirostat", "skew")
-HISTORY_STEPS: tuple[str, ...] = ("dry", "penalties", "no_repeat_ngram")
 
 StepFn = Callable[[jax.Array, dict, Any], jax.Array]
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from aphrodite_jax.sampling.metadata import (  # noqa: F401  (re-exported)
-    SamplingMetadata, SamplingRow, batch_statics, make_sampling_metadata, seed_key_data)
+    SamplingMetadata, SamplingRow, make_sampling_metadata, seed_key_data)
 from aphrodite_jax.sampling.registry import apply_samplers
 
 LOGPROB_FLOOR = -9999.0
