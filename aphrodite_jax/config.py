@@ -75,7 +75,8 @@ class SchedulerConfig:
 
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None  # None -> chosen from max_model_len / chunking
-    enable_chunked_prefill: bool = False
+    # None (default): chunked, with a budget that holds a whole prompt (see resolve_scheduler_defaults)
+    enable_chunked_prefill: Optional[bool] = None
     preemption_mode: Literal["recompute", "swap"] = "recompute"
     max_queue_len: Optional[int] = None  # most requests waiting for a slot; more get a 503
 

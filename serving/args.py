@@ -157,7 +157,7 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--kv-cache-memory",), float, "GiB of host memory for the KV cache on CPU (default: 2)"),
     (("--swap-space",), float, "GiB of host memory for swapped-out KV pages (default: 4)"),
     (("--enable-prefix-caching", "--context-shift"), _FLAG, "reuse KV pages of shared prompt prefixes"),
-    (("--enable-chunked-prefill",), _BOOL, "split long prompts across steps [true|false]"),
+    (("--enable-chunked-prefill",), _BOOL, "split long prompts across steps [true|false]; unset: on, with a whole-prompt token budget"),
     (("--max-num-seqs",), int, "most sequences per step (default: 256)"),
     (("--max-num-batched-tokens",), int, "most tokens per step (default: from max-model-len)"),
     (("--preemption-mode",), {"choices": ("recompute", "swap")}, "how to preempt (default: recompute)"),

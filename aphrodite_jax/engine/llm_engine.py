@@ -59,7 +59,8 @@ class LLMEngine:
         self.generation_config = stack.generation_config  # generation_config.json defaults ({} if none)
         self.sampler = stack.sampler
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,
-                                   self.runner.num_cpu_blocks, self.max_model_len)
+                                   self.runner.num_cpu_blocks, self.max_model_len,
+                                   token_buckets=self.runner.token_buckets)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.model.seed)

@@ -143,8 +143,19 @@ def _setup_compilation_cache(path: Optional[str]) -> None:
 
 
 def resolve_scheduler_defaults(config: EngineConfig, max_model_len: int) -> None:
-    """Fill the token budget: a whole prompt must fit a step unless prefill is chunked."""
+    """Fill the token budget: a whole prompt must fit a step unless prefill is chunked.
+
+    Default (chunking not set): chunked prefill with the whole-prompt budget. No prompt is split for
+    lack of budget, but the scheduler may fill a step's last prefill chunk up to the budget and trim it
+    down to a token bucket (scheduler._align_to_bucket), so new prompts ride along running decodes
+    instead of padding a step up to the next power of two. An explicit --enable-chunked-prefill keeps
+    the small 512-token default budget (short steps, steadier inter-token latency).
+    """
     sched = config.scheduler
+    if sched.enable_chunked_prefill is None:
+        sched.enable_chunked_prefill = True
+        if sched.max_num_batched_tokens is None:
+            sched.max_num_batched_tokens = max(max_model_len, 2048)
     if sched.max_num_batched_tokens is None:
         sched.max_num_batched_tokens = 512 if sched.enable_chunked_prefill else max(max_model_len, 2048)
     if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 from aphrodite_jax.engine.block_manager import AllocStatus, BlockManager
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -79,7 +79,8 @@ class Scheduler:
     """FCFS continuous-batching scheduler over a `BlockManager`; see the module docstring."""
 
     def __init__(self, scheduler_config, cache_config, num_gpu_blocks: int, num_cpu_blocks: int,
-                 max_model_len: int, watermark: float = 0.01) -> None:
+                 max_model_len: int, watermark: float = 0.01,
+                 token_buckets: Optional[Iterable[int]] = None) -> None:
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
@@ -88,6 +89,9 @@ class Scheduler:
         if budget is None:
             budget = max(512, scheduler_config.max_num_seqs) if self.chunked else max(max_model_len, 2048)
         self.max_num_batched_tokens = budget
+        # The runner pads each step's tokens up to one of these (runner/buckets.py); with chunked
+        # prefill the scheduler trims prefill chunks so a step does not pay for a mostly empty bucket.
+        self.token_buckets = sorted(token_buckets) if token_buckets else None
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.preemption_mode = scheduler_config.preemption_mode
         self.block_manager = BlockManager(num_gpu_blocks, num_cpu_blocks, cache_config.block_size,
@@ -264,9 +268,44 @@ class Scheduler:
             if not self.swapped:
                 self._schedule_waiting(out, budget, prefill_rows)
 
+        if self.chunked and self.token_buckets and prefill_rows:
+            prefill_rows = self._align_to_bucket(decode_rows, prefill_rows)
         out.scheduled = decode_rows + prefill_rows
         out.num_batched_tokens = sum(r.num_new_tokens for r in out.scheduled)
         return out
+
+    def _align_to_bucket(self, decode_rows: list, prefill_rows: list) -> list:
+        """Trim the last prefill chunks so the step's tokens end on a bucket when that is cheaper.
+
+        A step costs about its padded bucket, so e.g. 15 decodes + a 256-token prompt (271 tokens)
+        would run as 512. When the padding up would be larger than the overshoot past the bucket
+        below, the overshoot waits for the next step (where it rides along the decodes), so the
+        device never computes more padding than real tokens are deferred. Trimmed chunks keep their
+        pages (they are reused next step); a row trimmed to nothing is dropped (its group stays
+        running and continues next step).
+        """
+        total = sum(r.num_new_tokens for r in decode_rows) + sum(r.num_new_tokens for r in prefill_rows)
+        buckets = self.token_buckets
+        if total <= buckets[0] or total in buckets:
+            return prefill_rows
+        up = next((b for b in buckets if b >= total), None)
+        low = max(b for b in buckets if b < total)
+        if up is not None and up - total <= total - low:
+            return prefill_rows
+        excess = total - low
+        if excess >= sum(r.num_new_tokens for r in prefill_rows):
+            return prefill_rows  # the bucket below would hold no prefill at all: keep the step as is
+        kept = list(prefill_rows)
+        while excess > 0:
+            row = kept[-1]
+            cut = min(excess, row.num_new_tokens)
+            row.num_new_tokens -= cut
+            excess -= cut
+            if row.num_new_tokens == 0:
+                kept.pop()
+            else:
+                row.do_sample = row.seq.num_computed_tokens + row.num_new_tokens >= row.seq.get_len()
+        return kept
 
     def _schedule_swapped(self, out: SchedulerOutput, budget: int, decode_rows: list,
                           prefill_rows: list) -> int:

@@ -15,9 +15,9 @@ from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatu
 BS = 8
 
 
-def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, **kw):
+def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, token_buckets=None, **kw):
     return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=BS, enable_prefix_caching=prefix),
-                     num_gpu, num_cpu, max_model_len)
+                     num_gpu, num_cpu, max_model_len, token_buckets=token_buckets)
 
 
 def add(s, rid, prompt, t=None, params=None):
@@ -125,6 +125,63 @@ def test_chunked_prefill_keeps_decodes_first_and_within_budget():
     assert not out.scheduled[1].do_sample
     out = step(s, max_out=20)
     assert [(r.group.request_id, r.num_new_tokens) for r in out.scheduled] == [("0", 1), ("1", 9)]
+
+
+BUCKETS = [8, 16, 32, 64, 128, 256]
+
+
+def test_chunked_step_is_trimmed_down_to_a_bucket():
+    """3 decodes + a 40-token prompt = 43 tokens would pad to 64: the chunk is cut to fill 32, and the
+    other 11 prompt tokens ride along the next decode step (14 tokens, bucket 16)."""
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=256, token_buckets=BUCKETS)
+    for i in range(3):
+        add(s, i, range(5))
+    step(s, max_out=20)
+    g = add(s, 3, range(40))
+    out = step(s, max_out=20)
+    assert [(r.group.request_id, r.num_new_tokens) for r in out.scheduled] == [
+        ("0", 1), ("1", 1), ("2", 1), ("3", 29)]
+    assert out.num_batched_tokens == 32 and not out.scheduled[-1].do_sample
+    assert g.seqs[0].num_computed_tokens == 29 and g.seqs[0].get_output_len() == 0
+    out = step(s, max_out=20)
+    assert [(r.group.request_id, r.num_new_tokens) for r in out.scheduled] == [
+        ("0", 1), ("1", 1), ("2", 1), ("3", 11)]
+    assert out.scheduled[-1].do_sample and g.seqs[0].get_output_len() == 1
+
+
+def test_chunked_step_keeps_small_padding_and_whole_prompts_without_buckets():
+    # 3 decodes + 58 prompt tokens = 61: padding to 64 (3) is less than the overshoot past 32 (29).
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=256, token_buckets=BUCKETS)
+    for i in range(3):
+        add(s, i, range(5))
+    step(s, max_out=20)
+    add(s, 3, range(58))
+    assert step(s, max_out=20).num_batched_tokens == 61
+    # Without buckets (or without chunking) nothing is trimmed.
+    for kw in (dict(enable_chunked_prefill=True, max_num_batched_tokens=256),
+               dict(max_num_batched_tokens=256, token_buckets=BUCKETS)):
+        s = make_sched(**kw)
+        for i in range(3):
+            add(s, i, range(5))
+        step(s, max_out=20)
+        add(s, 3, range(40))
+        assert step(s, max_out=20).num_batched_tokens == 43
+
+
+def test_trimming_drops_a_chunk_cut_to_nothing():
+    """1 decode + prompts of 31 and 2 tokens = 34 -> 32: the 2-token prompt loses its whole chunk this
+    step (it stays admitted, holding its pages) and runs whole in the next."""
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=256, token_buckets=BUCKETS)
+    add(s, 0, range(5))
+    step(s, max_out=20)
+    add(s, 1, range(31))
+    late = add(s, 2, range(2))
+    out = step(s, max_out=20)
+    assert [(r.group.request_id, r.num_new_tokens) for r in out.scheduled] == [("0", 1), ("1", 31)]
+    assert out.num_batched_tokens == 32 and late in s.running and late.seqs[0].num_computed_tokens == 0
+    out = step(s, max_out=20)
+    assert ("2", 2, True) in [(r.group.request_id, r.num_new_tokens, r.do_sample) for r in out.scheduled]
+    assert late.seqs[0].get_output_len() == 1
 
 
 def test_prompt_too_long_is_ignored():
@@ -288,11 +345,12 @@ def test_random_workload_keeps_kv_consistent(seed):
     """Forks (n=2), shared prefixes, aborts, tiny cache: the KV read back always matches."""
     rng = random.Random(seed)
     mode = ["recompute", "swap"][seed % 2]
-    chunked = seed % 3 == 0
+    chunked = seed % 3 in (0, 1)
     num_gpu, num_cpu = 10, 12
     s = make_sched(num_gpu=num_gpu, num_cpu=num_cpu, max_model_len=64, prefix=seed % 2 == 0,
                    preemption_mode=mode, enable_chunked_prefill=chunked, max_num_seqs=6,
-                   max_num_batched_tokens=24 if chunked else None)
+                   max_num_batched_tokens=24 if chunked else None,
+                   token_buckets=[8, 16, 32] if seed % 3 == 1 else None)
     dev = FakeDevice(num_gpu, num_cpu)
     shared = [rng.randrange(50) for _ in range(2 * BS)]
     next_id, groups, limits = 1000, [], {}
