@@ -47,6 +47,12 @@ class RequestAbortedError(RuntimeError):
     """The request was aborted by `abort()` while someone was still reading its stream."""
 
 
+def _deliver(items: list) -> None:
+    """On the event loop: hand one step's outputs to their streams' queues."""
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -211,13 +217,17 @@ class AsyncLLMEngine:
                     return
                 continue
             self.consecutive_failures = 0
+            # One wake-up of each event loop per step for all its streams, not one per stream.
+            batches: dict[asyncio.AbstractEventLoop, list] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
                     continue
-                stream.put(out)
+                batches.setdefault(stream.loop, []).append((stream.queue, out))
                 if out.finished:
                     del self._streams[out.request_id]
+            for loop, items in batches.items():
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _step_failed(self, exc: Exception) -> bool:
         """Fail the failed step's requests; return False when the engine cannot go on (now dead)."""
