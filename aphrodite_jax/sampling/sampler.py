@@ -79,6 +79,38 @@ def _gather_logprobs(logprobs: jax.Array, ids: jax.Array, k: int):
             jnp.maximum(top_lp, LOGPROB_FLOOR))
 
 
+def fast_argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis, first index on ties, as jnp.argmax, for f32[B, V] with V < 2**24.
+
+    XLA's CPU backend runs argmax (a variadic index/value reduce) ~25x slower than a max: 17 ms vs
+    0.7 ms at [32, 49152]. This is a max, then the smallest index holding it, as a float min."""
+    v = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)  # [B, V]
+    idx = jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.float32), float(v)), axis=-1)  # [B]
+    return jnp.minimum(idx, v - 1).astype(jnp.int32)  # a NaN row (no hit) gives the last id
+
+
+def _blocked_draw(probs: jax.Array, unif: jax.Array, block: int = 128) -> jax.Array:
+    """Inverse-CDF draw: the first id whose cumulative probability reaches u = (1 - unif) * total, for
+    probs f32[B, V] and unif f32[B] in [0, 1), so u is in (0, total]. Two levels (per-block sums, then one block), because a cumsum over
+    [32, 49152] costs ~14 ms on XLA CPU and the blocked one well under 1 ms. Never picks a zero-probability id."""
+    b, v = probs.shape
+    pad = -v % block
+    p = jnp.pad(probs, ((0, 0), (0, pad))).reshape(b, -1, block)  # [B, nb, W]
+    bcdf = jnp.cumsum(p.sum(-1), axis=-1)  # [B, nb]
+    nb = bcdf.shape[1]
+    u = (1.0 - unif) * bcdf[:, -1]  # [B], in (0, total]: a zero-probability token is never picked
+    j = jnp.minimum(jnp.sum(bcdf < u[:, None], axis=-1), nb - 1)  # [B] first block reaching u
+    prefix = jnp.where(j > 0, jnp.take_along_axis(bcdf, jnp.maximum(j - 1, 0)[:, None], -1)[:, 0], 0.0)
+    pb = jnp.take_along_axis(p, j[:, None, None], axis=1)[:, 0]  # [B, W]
+    inner = jnp.sum(jnp.cumsum(pb, axis=-1) < (u - prefix)[:, None], axis=-1)  # [B]
+    w = jnp.arange(block, dtype=jnp.int32)
+    last_nz = jnp.max(jnp.where(pb > 0, w, 0), axis=-1)  # rounding can run past the block's last token
+    first_nz = jnp.min(jnp.where(pb > 0, w, block - 1), axis=-1)
+    inner = jnp.clip(inner, first_nz, last_nz)
+    return jnp.minimum(j * block + inner, v - 1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("max_num_logprobs", "all_greedy", "only"))
 def sample(logits: jax.Array, md: SamplingMetadata, *, max_num_logprobs: int = 0,
            all_greedy: bool = False, only: Optional[frozenset[str]] = None) -> SamplerOutput:
@@ -88,17 +120,23 @@ def sample(logits: jax.Array, md: SamplingMetadata, *, max_num_logprobs: int = 0
     only (static, optional): restrict the chain to these step names (see registry.py on costs).
     """
     processed = apply_chain(logits, md, only)  # [B, V]
+    greedy_ids = fast_argmax(processed)  # [B]
+    if all_greedy and max_num_logprobs == 0:
+        # Fast path: the argmax's logprob is max - logsumexp, and its rank is 1 (ties resolve to the
+        # first id, so no other id is strictly larger); no [B, V] log_softmax is materialised.
+        m = jnp.max(processed, axis=-1)  # [B]
+        safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        lse = safe + jnp.log(jnp.sum(jnp.exp(processed - safe[:, None]), axis=-1))
+        b = logits.shape[0]
+        return SamplerOutput(greedy_ids, jnp.maximum(m - lse, LOGPROB_FLOOR), jnp.ones((b,), jnp.int32),
+                             jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32))
     logprobs = jax.nn.log_softmax(processed, axis=-1)  # [B, V]
-    greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [B]
     if all_greedy:
         ids = greedy_ids
     else:
-        v = logits.shape[-1]
-        cdf = jnp.cumsum(jnp.exp(logprobs), axis=-1)  # [B, V]
+        probs = jnp.exp(logprobs)  # [B, V]
         unif = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(_row_keys(md))  # [B]
-        u = (1.0 - unif) * cdf[:, -1]  # in (0, total]: a zero-probability token is never picked
-        drawn = jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), v - 1).astype(jnp.int32)  # [B]
-        ids = jnp.where(md.greedy, greedy_ids, drawn)
+        ids = jnp.where(md.greedy, greedy_ids, _blocked_draw(probs, unif))
     lp, rank, top_ids, top_lp = _gather_logprobs(logprobs, ids, max_num_logprobs)
     return SamplerOutput(ids, lp, rank, top_ids, top_lp)
 

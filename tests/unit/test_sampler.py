@@ -335,3 +335,47 @@ def test_top_k_top_p_on_peaky_rows_vs_numpy(v):
     for i, r in enumerate(rows):
         _assert_same_distribution(got[i], np_chain(logits[i], r[0]))
     assert np.isfinite(got[1]).sum() == 40 and np.isfinite(got[4]).sum() == 1
+
+
+def test_fast_argmax_matches_argmax_with_ties_and_masks():
+    from aphrodite_jax.sampling.sampler import fast_argmax
+    x = np.random.default_rng(3).normal(size=(6, 49152)).astype(np.float32)
+    x[1, [7, 900, 40000]] = 9.0  # ties: the first index wins
+    x[2] = -np.inf  # every token banned
+    x[3, :] = np.float32(-1.0)
+    x[4, 49151] = 50.0  # the last id
+    np.testing.assert_array_equal(np.asarray(jax.jit(fast_argmax)(x)), np.argmax(x, axis=-1))
+
+
+def test_greedy_fast_path_logprob_and_rank_vs_full_path():
+    logits = _logits(12)
+    logits[2, [3, 9]] = 20.0  # a tie at the top
+    rows = [(SP.greedy(), 0, 0), (SP.greedy(logit_bias={5: 30.0}), 0, 0), (SP.greedy(), 0, 0)]
+    md = jax.device_put(_md(rows))
+    fast = sample(jnp.asarray(logits), md, max_num_logprobs=0, all_greedy=True)
+    full = sample(jnp.asarray(logits), md, max_num_logprobs=4, all_greedy=True)
+    np.testing.assert_array_equal(np.asarray(fast.token_ids), np.asarray(full.token_ids))
+    assert int(fast.token_ids[1]) == 5 and int(fast.token_ids[2]) == 3
+    np.testing.assert_allclose(np.asarray(fast.logprobs), np.asarray(full.logprobs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fast.ranks), np.asarray(full.ranks))
+    biased = logits[:3].copy()
+    biased[1, 5] += 30.0
+    want = [_log_softmax(biased[i])[int(fast.token_ids[i])] for i in range(3)]
+    np.testing.assert_allclose(np.asarray(fast.logprobs)[:3], want, rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_draw_is_the_inverse_cdf_and_skips_zero_probability_ids():
+    from aphrodite_jax.sampling.sampler import _blocked_draw
+    rng = np.random.default_rng(4)
+    p = rng.random((64, 1000)).astype(np.float32) ** 4
+    p[:, rng.random(1000) < 0.5] = 0.0  # many zero-probability ids, some whole blocks
+    p[:, 384:512] = 0.0
+    unif = rng.random(64).astype(np.float32)
+    unif[:4] = [0.0, 0.999999, 0.5, 1e-7]
+    got = np.asarray(jax.jit(_blocked_draw)(jnp.asarray(p), jnp.asarray(unif)))
+    cdf = np.cumsum(p.astype(np.float64), axis=-1)
+    u = (1.0 - unif.astype(np.float64)) * cdf[:, -1]
+    want = np.argmax(cdf >= u[:, None] * (1 - 1e-6), axis=-1)
+    assert np.all(p[np.arange(64), got] > 0)
+    # float32 sums differ from float64 ones by rounding: allow a neighbouring nonzero id at a boundary
+    assert np.mean(got == want) > 0.9 and np.all(np.abs(cdf[np.arange(64), got] - u) <= 1e-3 * cdf[:, -1] + p[np.arange(64), got])
