@@ -15,7 +15,8 @@ Layout and conventions (shared by every implementation):
   their output is zero and their K/V is not written.
 - sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
 
-`impl="auto"` picks the Pallas TPU kernel on TPU and the pure-JAX reference elsewhere; `impl="tpu"` forces the
+`impl="auto"` picks the Pallas TPU kernel on TPU, `cpu.py` (pure JAX laid out for XLA's CPU backend) on CPU,
+and the pure-JAX reference elsewhere; `impl="reference"` is the oracle the others are tested against; `impl="tpu"` forces the
 TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do);
 `impl="gpu"` the Pallas Triton kernel (`interpret=True` runs it on CPU). "auto" never picks "gpu" yet: it is
 untested on a real GPU.
@@ -40,10 +41,15 @@ def ragged_paged_attention(
     interpret: Any = False,
 ):
     if impl == "auto":
-        impl = "tpu" if jax.default_backend() == "tpu" else "reference"
+        backend = jax.default_backend()
+        impl = "tpu" if backend == "tpu" else "cpu" if backend == "cpu" else "reference"
     if impl == "reference":
         return ref_ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
                                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "cpu":
+        from pallas_kernels.cpu import ragged_paged_attention as cpu_rpa
+        return cpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "tpu":
         from pallas_kernels.tpu import ragged_paged_attention as tpu_rpa
         return tpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,

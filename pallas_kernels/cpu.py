@@ -1,0 +1,120 @@
+"""Ragged paged attention shaped for XLA's CPU backend (what impl="auto" runs on CPU).
+
+Same contract and the same two parts as reference.py (the oracle the tests compare this against): this
+step's own tokens attend to each other in causal tiles, every row attends to the context earlier steps
+cached, and the two merge by log-sum-exp. The in-step part (all of a fresh prefill's attention) is laid
+out for XLA's CPU backend: tiles are heads-major, [Hkv, G*C, D] x [Hkv, C, D] -> [Hkv, G*C, C], so both
+matmuls have their batch dimension leading and need no transposes inside the loop (about 0.55x the
+reference's time for a 1024-token prefill, benchmarks/step_breakdown.py --prefill 1024 --ab reference,cpu). The cached-context part
+is reference.py's (per-row page gathers, 4 pages per iteration): the variants tried (a block-diagonal
+query over the interleaved K/V bytes, an elementwise multiply-reduce, 8 pages per iteration) were not
+faster at decode batch 32 (notes in /work/notes/issue9-forward.md and benchmarks/step_breakdown.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.reference import (MASK_VALUE, _cached_context_attention, _online_update, token_layout,
+                                      write_kv)
+
+CONTEXT_PAGES_PER_BLOCK = 4  # cached-context pages per loop iteration (measured: 8 was slower at ctx 64)
+
+
+def _pick_tile(t: int) -> int:
+    """Query/key tile rows: 128 for long steps (measured at T=1024: 64 about the same, 256 1.5x and 512
+    3x slower, since a bigger tile computes more of the masked upper triangle); one tile otherwise."""
+    return 128 if t % 128 == 0 and t >= 256 else t
+
+
+def _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap, chunk):
+    """This step's rows against this step's K/V (same sequence, causal) in heads-major [C x C] tiles.
+
+    qf [T, Hkv, G, D] (scaled) -> m, l [T, Hkv, G], acc [T, Hkv, G, D]."""
+    t, hkv, g, d = qf.shape
+    nq = t // chunk
+    q_t = qf.reshape(nq, chunk, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(nq, hkv, g * chunk, d)
+    k_t = k.astype(jnp.float32).reshape(nq, chunk, hkv, d).transpose(0, 2, 1, 3)  # [nq, Hkv, C, D]
+    v_t = v.astype(jnp.float32).reshape(nq, chunk, hkv, d).transpose(0, 2, 1, 3)
+    seq_t, pos_t, valid_t = (x.reshape(nq, chunk) for x in (seq, pos, valid))
+
+    def q_tile(i):
+        qb, sq, pq, vq = q_t[i], seq_t[i], pos_t[i], valid_t[i]
+        first = jnp.where(vq[0], cu_q_lens[sq[0]] // chunk, i + 1)  # pure padding tile: no work
+
+        def body(c):
+            kc, m, l, acc = c
+            s = jnp.einsum("hqd,hkd->hqk", qb, k_t[kc]).reshape(hkv, g, chunk, chunk)  # [Hkv, G, Cq, Ck]
+            mask = (sq[:, None] == seq_t[kc][None, :]) & (pos_t[kc][None, :] <= pq[:, None])
+            mask &= vq[:, None] & valid_t[kc][None, :]
+            if sliding_window is not None:
+                mask &= pos_t[kc][None, :] > pq[:, None] - sliding_window
+            m, l, acc, p = _online_update(m, l, acc, s, mask[None, None], None, soft_cap)
+            acc = acc + jnp.einsum("hqk,hkd->hqd", p.reshape(hkv, g * chunk, chunk), v_t[kc]).reshape(
+                hkv, g, chunk, d)
+            return kc + 1, m, l, acc
+
+        init = (first, jnp.full((hkv, g, chunk), MASK_VALUE, jnp.float32),
+                jnp.zeros((hkv, g, chunk), jnp.float32), jnp.zeros((hkv, g, chunk, d), jnp.float32))
+        if nq == 1:  # one tile (decode-sized steps): no loops; padding rows are masked out anyway
+            _, m, l, acc = body((jnp.int32(0),) + init[1:])
+            return m, l, acc
+        _, m, l, acc = jax.lax.while_loop(lambda c: c[0] <= i, body, init)
+        return m, l, acc
+
+    if nq == 1:
+        m, l, acc = (x[None] for x in q_tile(0))
+    else:
+        m, l, acc = jax.lax.map(q_tile, jnp.arange(nq))  # [nq, Hkv, G, C(, D)]
+    m = m.transpose(0, 3, 1, 2).reshape(t, hkv, g)
+    l = l.transpose(0, 3, 1, 2).reshape(t, hkv, g)
+    acc = acc.transpose(0, 3, 1, 2, 4).reshape(t, hkv, g, d)
+    return m, l, acc
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # [T, Hq, D]
+    k: jax.Array,  # [T, Hkv, D]
+    v: jax.Array,  # [T, Hkv, D]
+    kv_cache: jax.Array,  # [P, page_size, 2*Hkv, D], K/V interleaved on axis 2
+    kv_lens: jax.Array,  # i32[S]
+    page_indices: jax.Array,  # i32[S, pages_per_seq]
+    cu_q_lens: jax.Array,  # i32[S+1]
+    num_seqs: jax.Array,  # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: Optional[int] = None,
+    soft_cap: Optional[float] = None,
+):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+
+    seq, pos, valid = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    kv_cache = write_kv(kv_cache, k, v, page_indices, seq, pos, valid)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    prev_len = jnp.where(valid, kv_lens[seq] - q_len, 0)  # [T] context written by earlier steps
+
+    qf = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+    m_a, l_a, acc_a = _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
+                               _pick_tile(num_tokens))
+    # Earlier context in two row groups (decode rows first, as the runner orders them), so a fresh
+    # prefill never loops over a long decode context.
+    split = min(num_tokens, kv_lens.shape[0])
+    parts = []
+    for lo, hi in ((0, split), (split, num_tokens)):
+        if hi > lo:
+            parts.append(_cached_context_attention(
+                qf[lo:hi], kv_cache, page_indices, seq[lo:hi], pos[lo:hi], prev_len[lo:hi], valid[lo:hi],
+                sliding_window, soft_cap, CONTEXT_PAGES_PER_BLOCK))
+    m_b, l_b, acc_b = (jnp.concatenate(x) for x in zip(*parts))
+    m = jnp.maximum(m_a, m_b)
+    ca, cb = jnp.exp(m_a - m), jnp.exp(m_b - m)
+    l = l_a * ca + l_b * cb
+    acc = acc_a * ca[..., None] + acc_b * cb[..., None]
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    out = jnp.where(valid[:, None, None, None], out, 0.0)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_cache
+
