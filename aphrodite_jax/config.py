@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATIONS = ("int8",)
 
 
 class ConfigError(ValueError):
@@ -35,8 +36,12 @@ class ModelConfig:
     revision: Optional[str] = None
     # Only for load_format="dummy": a config.json path/dict or an HF hub id already cached.
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # "int8": per-channel int8 matmul weights (CPU: an AVX-512 VNNI kernel; TPU/GPU: XLA weight-only int8).
+    quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check(self.quantization in (None,) + QUANTIZATIONS,
+               f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.load_format in LOAD_FORMATS,
                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from aphrodite_jax.config import DTYPES, LOAD_FORMATS, ConfigError, EngineConfig
+from aphrodite_jax.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, ConfigError, EngineConfig
 from serving.config import ServingConfig
 
 SUPPRESS = argparse.SUPPRESS
@@ -161,6 +161,9 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--max-num-seqs",), int, "most sequences per step (default: 256)"),
     (("--max-num-batched-tokens",), int, "most tokens per step (default: from max-model-len)"),
     (("--preemption-mode",), {"choices": ("recompute", "swap")}, "how to preempt (default: recompute)"),
+    (("-q", "--quantization"), {"choices": QUANTIZATIONS},
+     "int8: per-channel int8 matmul weights (CPU: AVX-512 VNNI kernel built at first use; TPU/GPU: "
+     "XLA weight-only int8); default: none"),
     (("--compilation-cache-dir",), str,
      "persistent XLA compilation cache folder (default: ~/.cache/aphrodite_jax/jax_cache)"),
     (("--max-queue-len",), int,
@@ -175,7 +178,7 @@ UNSUPPORTED_FLAGS: list[tuple[tuple[str, ...], Any]] = [
     (("--tool-parser-plugin",), None), (("--uvloop",), 0),
     (("--tokenizer-mode",), None), (("--revision",), None), (("--trust-remote-code",), 0),
     (("--download-dir",), None), (("-pp", "--pipeline-parallel-size"), None),
-    (("--distributed-executor-backend",), None), (("-q", "--quantization"), None),
+    (("--distributed-executor-backend",), None),
     (("--deepspeed-fp-bits",), None), (("--quant-llm-fp-bits",), None),
     (("--quant-llm-exp-bits",), None), (("--kv-cache-dtype",), None), (("--cpu-offload-gb",), None),
     (("--enforce-eager",), "?"), (("--max-seq-len-to-capture",), None),
@@ -201,7 +204,7 @@ ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_for
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
                "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats",
-               "compilation_cache_dir", "max_queue_len"}
+               "compilation_cache_dir", "max_queue_len", "quantization"}
 
 
 def _dest(flags: tuple[str, ...]) -> str:

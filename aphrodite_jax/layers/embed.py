@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,9 +14,17 @@ from aphrodite_jax.layers.linear import init_param
 class Embedding(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs, vocab_axis: Optional[str] = "vocab"):
         self.weight = init_param(rngs, (vocab_size, dim), dtype, (vocab_axis, "embed"))  # [V, H]
+        self.head = None  # int8 copy of E^T for attend() once quantize_head_int8 ran; lookups stay fp32
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # i32[T] -> [T, H]
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, h: jax.Array) -> jax.Array:  # [N, H] -> f32[N, V]
+        if self.head is not None:
+            return self.head(h, out_dtype=jnp.float32)
         return jnp.einsum("nh,vh->nv", h, self.weight[...], preferred_element_type=jnp.float32)
+
+    def quantize_head_int8(self, mode: str) -> None:
+        from aphrodite_jax.layers.quantization import Int8Weight
+
+        self.head = nnx.data(Int8Weight(np.asarray(self.weight.get_value(), np.float32).T, mode))  # W [H, V]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,9 +33,22 @@ class Linear(nnx.Module):
                  axes: tuple[Optional[str], Optional[str]] = (None, None)):
         self.weight = init_param(rngs, (in_features, out_features), dtype, axes)  # [in, out]
         self.bias = init_param(rngs, (out_features,), dtype, (axes[1],), zeros=True) if use_bias else None
+        self.quant = None  # an Int8Weight once `quantize_int8` replaced the weight
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        y = x @ self.weight[...]
+        y = x @ self.weight[...] if self.quant is None else self.quant(x)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+    def project_f32(self, x: jax.Array) -> jax.Array:  # [N, in] -> f32[N, out] (the untied LM head)
+        if self.quant is not None:
+            return self.quant(x, out_dtype=jnp.float32)
+        return jnp.einsum("nh,hv->nv", x, self.weight[...], preferred_element_type=jnp.float32)
+
+    def quantize_int8(self, mode: str) -> None:
+        """Swap the loaded weight for per-channel int8 (aphrodite_jax/layers/quantization.py)."""
+        from aphrodite_jax.layers.quantization import Int8Weight
+
+        self.quant = nnx.data(Int8Weight(np.asarray(self.weight.get_value(), np.float32), mode))
+        self.weight = None

@@ -120,7 +120,7 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:  # [N, H] -> f32[N, V]
         if self.lm_head is None:
             return self.embed.attend(hidden)
-        return jnp.einsum("nh,hv->nv", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+        return self.lm_head.project_f32(hidden)
 
     # --- weights ---
     def _assign(self, param: nnx.Param, value: np.ndarray, name: str) -> None:

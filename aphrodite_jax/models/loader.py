@@ -147,6 +147,9 @@ def load_model(model_config, mesh: Optional[Mesh] = None) -> LoadedModel:
         init_dummy_weights(model, seed=model_config.seed)
     else:
         model.load_weights(_progress(weights, total, "loading weights"))
+    if model_config.quantization:  # the quantization hook: int8 copies of the loaded matmul weights
+        from aphrodite_jax.layers.quantization import quantize_model
+        quantize_model(model, model_config.quantization)
     max_len = model_config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
     return LoadedModel(model=model, hf_config=hf_config, dtype=dtype, max_model_len=max_len,
                        tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind)

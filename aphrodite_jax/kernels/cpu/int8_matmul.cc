@@ -1,0 +1,194 @@
+// y[M, N] = x[M, K] @ W[K, N] with W stored as 8-bit blocks, as an XLA FFI custom call (CPU).
+//
+// Why: at batch 1 the fp32 step is bound by reading the weights; 8-bit weights are a quarter of the bytes.
+// W is quantized per output column in blocks of QB = 32 along K, asymmetrically: w = d * q + m with
+// q in [0, 255] (u8) and one f32 (d, m) per block. That grid holds a GGUF Q4_1 block exactly (its 16
+// levels are every 17th step), so the default model's weights pass through unchanged. The activation row
+// is quantized on the fly to s8 in the same blocks (one scale per block, like llama.cpp's q8 activations),
+// so the inner loop is AVX-512 VNNI vpdpbusd (u8 x s8 -> s32), and a block contributes
+// sx * (d * sum(q * qx) + m * sum(qx)).
+//
+// Layout (built by int8_matmul.py `pack_blocks`): q as u8 [Np/16, Kp/4, 16, 4] (Np, Kp: N, K padded to 16
+// and QB). One 64-byte load holds 4 consecutive k of 16 outputs, so a broadcast of 4 activation bytes feeds
+// 16 dot products at once (no horizontal sums). dm: f32 [Np/16, Kp/QB, 2, 16] (d then m of 16 outputs).
+//
+// Threads: XLA's intra-op pool (ffi::ThreadPool). The work is split into chunks of output tiles taken
+// from an atomic counter; the calling thread takes chunks too, so it never waits on a task that has not
+// started, and a task that starts late finds no chunk and only drops its reference to the shared state.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int QB = 32;  // activation quantization block along K
+
+struct Job {
+  const uint8_t* w;      // packed weights
+  const float* dm;       // [Np/16, nb, 2, 16] block scales and offsets
+  const int8_t* xq;      // [M, Kp] quantized activations
+  const float* xs;       // [M, nb] activation block scales
+  const float* xm;       // [M, nb] sx * sum(xq) per block (the offsets' factor)
+  float* y;              // [M, N]
+  int64_t M, N, Kp, nb;  // nb = Kp / QB
+  int64_t tiles;         // output tiles of 32 columns (the last may be 16 or fewer)
+  int64_t tiles_per_chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::vector<int8_t> xq_buf;
+  std::vector<float> xs_buf;
+  std::vector<float> xm_buf;
+};
+
+// MT tokens x G groups of 16 outputs, starting at output group g0 and token m0.
+template <int MT, int G>
+inline void micro(const Job& j, int64_t g0, int64_t m0) {
+  const int64_t group_bytes = j.Kp * 16;
+  const uint8_t* wg[G];
+  for (int g = 0; g < G; ++g) wg[g] = j.w + (g0 + g) * group_bytes;
+  __m512 facc[MT][G];
+  for (int t = 0; t < MT; ++t)
+    for (int g = 0; g < G; ++g) facc[t][g] = _mm512_setzero_ps();
+  const int8_t* xrow[MT];
+  for (int t = 0; t < MT; ++t) xrow[t] = j.xq + (m0 + t) * j.Kp;
+  const float* dmg[G];
+  for (int g = 0; g < G; ++g) dmg[g] = j.dm + (g0 + g) * j.nb * 32;
+  for (int64_t b = 0; b < j.nb; ++b) {
+    __m512i iacc[MT][G];
+    for (int t = 0; t < MT; ++t)
+      for (int g = 0; g < G; ++g) iacc[t][g] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int kk = 0; kk < QB / 4; ++kk) {
+      const int64_t k4 = b * (QB / 4) + kk;
+      __m512i wv[G];
+      for (int g = 0; g < G; ++g) wv[g] = _mm512_loadu_si512(wg[g] + k4 * 64);
+      for (int t = 0; t < MT; ++t) {
+        int32_t xi;
+        std::memcpy(&xi, xrow[t] + k4 * 4, 4);
+        __m512i xb = _mm512_set1_epi32(xi);
+        for (int g = 0; g < G; ++g) iacc[t][g] = _mm512_dpbusd_epi32(iacc[t][g], wv[g], xb);
+      }
+    }
+    __m512 d[G], m[G];
+    for (int g = 0; g < G; ++g) {
+      d[g] = _mm512_loadu_ps(dmg[g] + b * 32);
+      m[g] = _mm512_loadu_ps(dmg[g] + b * 32 + 16);
+    }
+    for (int t = 0; t < MT; ++t) {
+      __m512 sx = _mm512_set1_ps(j.xs[(m0 + t) * j.nb + b]);
+      __m512 xm = _mm512_set1_ps(j.xm[(m0 + t) * j.nb + b]);
+      for (int g = 0; g < G; ++g) {
+        facc[t][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][g]), _mm512_mul_ps(d[g], sx), facc[t][g]);
+        facc[t][g] = _mm512_fmadd_ps(m[g], xm, facc[t][g]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t n0 = (g0 + g) * 16;
+    if (n0 >= j.N) break;
+    const int64_t left = j.N - n0;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    for (int t = 0; t < MT; ++t) _mm512_mask_storeu_ps(j.y + (m0 + t) * j.N + n0, mask, facc[t][g]);
+  }
+}
+
+template <int G>
+void tile(const Job& j, int64_t g0) {
+  int64_t m = 0;
+  for (; m + 4 <= j.M; m += 4) micro<4, G>(j, g0, m);
+  switch (j.M - m) {
+    case 3: micro<3, G>(j, g0, m); break;
+    case 2: micro<2, G>(j, g0, m); break;
+    case 1: micro<1, G>(j, g0, m); break;
+    default: break;
+  }
+}
+
+void run_chunks(Job& j) {
+  const int64_t groups = (j.N + 15) / 16;
+  for (;;) {
+    const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= j.chunks) return;
+    const int64_t t_end = std::min(j.tiles, (c + 1) * j.tiles_per_chunk);
+    for (int64_t t = c * j.tiles_per_chunk; t < t_end; ++t) {
+      const int64_t g0 = t * 2;
+      if (g0 + 2 <= groups) tile<2>(j, g0);
+      else tile<1>(j, g0);
+    }
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Per token and block of QB: scale = max|x| / 127, q = round(x / scale), and scale * sum(q).
+void quantize_rows(const float* x, int64_t M, int64_t K, Job& j) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = j.xq_buf.data() + m * j.Kp;
+    for (int64_t b = 0; b < j.nb; ++b) {
+      const int64_t k0 = b * QB;
+      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(QB, K - k0));
+      const __mmask32 mask = n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
+      __m512 lo = _mm512_maskz_loadu_ps((__mmask16)(mask & 0xFFFF), xr + k0);
+      __m512 hi = _mm512_maskz_loadu_ps((__mmask16)(mask >> 16), xr + k0 + 16);
+      const float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(lo)), _mm512_reduce_max_ps(_mm512_abs_ps(hi)));
+      const float d = amax / 127.0f;
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id)));  // round to nearest even
+      __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
+      _mm_storeu_si128((__m128i*)(qr + k0), _mm512_cvtsepi32_epi8(qlo));
+      _mm_storeu_si128((__m128i*)(qr + k0 + 16), _mm512_cvtsepi32_epi8(qhi));
+      j.xs_buf[m * j.nb + b] = d;
+      j.xm_buf[m * j.nb + b] = d * (float)(_mm512_reduce_add_epi32(qlo) + _mm512_reduce_add_epi32(qhi));
+    }
+  }
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                          ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("int8_matmul: x, w and y must be 2-D");
+  const int64_t M = xd[0], K = xd[1], Np = wd[0], Kp = wd[1], N = yd[1];
+  if (yd[0] != M || Kp % QB != 0 || Np % 16 != 0 || K > Kp || N > Np || dm.element_count() != (size_t)(Np * (Kp / QB) * 2))
+    return ffi::Error::InvalidArgument("int8_matmul: shapes do not match the packed weight layout");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  auto job = std::make_shared<Job>();
+  Job& j = *job;
+  j.M = M; j.N = N; j.Kp = Kp; j.nb = Kp / QB;
+  j.xq_buf.assign(M * Kp, 0);
+  j.xs_buf.assign(M * j.nb, 0.0f);
+  j.xm_buf.assign(M * j.nb, 0.0f);
+  quantize_rows(x.typed_data(), M, K, j);
+  j.w = w.typed_data(); j.dm = dm.typed_data(); j.y = y->typed_data();
+  j.xq = j.xq_buf.data(); j.xs = j.xs_buf.data(); j.xm = j.xm_buf.data();
+  j.tiles = (N + 31) / 32;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // About 4 chunks per thread balances a busy core against the per-chunk atomics.
+  j.tiles_per_chunk = std::max<int64_t>(1, j.tiles / (threads * 4));
+  j.chunks = (j.tiles + j.tiles_per_chunk - 1) / j.tiles_per_chunk;
+  const int64_t helpers = std::min<int64_t>(threads, j.chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { run_chunks(*job); });
+  run_chunks(j);
+  while (j.done.load(std::memory_order_acquire) < j.chunks) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AjInt8Matmul, Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,118 @@
+"""int8 weight x on-the-fly int8 activation matmul for the CPU (AVX-512 VNNI), through XLA FFI.
+
+`quantize_blocks(w)` -> u8 q [Kp, N] and f32 d, m [Kp/32, N] (w ~ d * q + m per block of 32 along K).
+`pack_blocks(q, d, m)` -> the kernel's layout (see int8_matmul.cc). `int8_matmul(x, packed, dm, n)` is
+y = x @ w with x quantized per token to int8 in blocks of 32 along K. `reference_int8_matmul` is the same
+arithmetic in NumPy, for tests. `kernel_status()` builds and registers the kernel once per process and
+says whether it can run here (it needs a C++ compiler and a CPU with AVX-512 VNNI).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TARGET = "aphrodite_int8_matmul"
+QB = 32  # activation block along K; must match int8_matmul.cc
+NGROUP = 16  # outputs per 64-byte weight load
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+CXX_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
+SOURCE = Path(__file__).with_name("int8_matmul.cc")
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_status() -> tuple[bool, str]:
+    """(available, why not): builds the kernel at first call and registers it with XLA."""
+    import jax
+    from aphrodite_jax.kernels.cpu.build import KernelBuildError, build_shared, cpu_flags, load_shared
+
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return False, f"this CPU lacks {', '.join(missing)}"
+    try:
+        lib = load_shared(build_shared(SOURCE, CXX_FLAGS))
+    except KernelBuildError as e:
+        return False, str(e)
+    try:
+        handler = lib.AjInt8Matmul
+    except AttributeError as e:
+        return False, f"the built kernel lacks its handler symbol: {e}"
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    return True, ""
+
+
+def quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w f32 [K, N] -> (q u8[Kp, N], d f32[Kp/QB, N], m f32[Kp/QB, N]) with w ~ d * q + m per block of
+    QB along K (asymmetric: m = the block's min, d = its range / 255). K is zero-padded to Kp; a GGUF
+    Q4_1 block (16 levels d4 * i + m4) lands exactly on q = 17 * i."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    kp = -(-k // QB) * QB
+    wp = np.zeros((kp, n), np.float32)
+    wp[:k] = w
+    blocks = wp.reshape(kp // QB, QB, n)  # [nb, QB, N]
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)  # [nb, N]
+    d = ((hi - lo) / np.float32(255.0)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.clip(np.rint((blocks - lo[:, None]) * inv[:, None]), 0, 255).astype(np.uint8)
+    return q.reshape(kp, n), d, lo.astype(np.float32)
+
+
+def dequantize_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray, k: int) -> np.ndarray:
+    """The f32 [K, N] weights the blocks stand for."""
+    nb, n = d.shape
+    w = q.reshape(nb, QB, n).astype(np.float32) * d[:, None] + m[:, None]
+    return w.reshape(nb * QB, n)[:k]
+
+
+def pack_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q u8[Kp, N], d, m f32[Kp/QB, N]) -> the kernel's layout: (u8[Np, Kp] bytes ordered
+    [Np/16, Kp/4, 16, 4], f32[Np/16, Kp/QB, 2, 16]); padded outputs get q = d = m = 0."""
+    kp, n = q.shape
+    np_ = -(-n // NGROUP) * NGROUP
+    nb = kp // QB
+    full = np.zeros((kp, np_), np.uint8)
+    full[:, :n] = q
+    u = full.reshape(kp // 4, 4, np_ // NGROUP, NGROUP).transpose(2, 0, 3, 1)  # [Np/16, Kp/4, 16, 4]
+    dm = np.zeros((2, nb, np_), np.float32)
+    dm[0, :, :n], dm[1, :, :n] = d, m
+    dm = dm.reshape(2, nb, np_ // NGROUP, NGROUP).transpose(2, 1, 0, 3)  # [Np/16, nb, 2, 16]
+    return np.ascontiguousarray(u).reshape(np_, kp), np.ascontiguousarray(dm).reshape(-1)
+
+
+def int8_matmul(x, packed, dm, n: int):
+    """x f32[M, K] @ (8-bit block weights) -> f32[M, n] through the FFI kernel (call kernel_status() first)."""
+    import jax
+    import jax.numpy as jnp
+
+    m = x.shape[0]
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        x.astype(jnp.float32), packed, dm)
+
+
+def quantize_activations(x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's activation quantization: x f32[M, K] -> (q i32[M, Kp], scale f32[M, Kp/QB])."""
+    m, k = x.shape
+    xp = np.zeros((m, kp), np.float32)
+    xp[:, :k] = x
+    blocks = xp.reshape(m, kp // QB, QB)
+    amax = np.abs(blocks).max(axis=-1)  # [M, nb]
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[..., None]).astype(np.int32)  # round half to even, like vcvtps2dq
+    return q.reshape(m, kp), (amax / np.float32(127.0)).astype(np.float32)
+
+
+def reference_int8_matmul(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """NumPy model of the kernel (q, d, m from quantize_blocks): per block, sx * (d * q.qx + m * sum qx)."""
+    kp, n = q.shape
+    xq, xs = quantize_activations(np.asarray(x, np.float32), kp)  # [M, Kp], [M, nb]
+    rows, nb = xs.shape
+    xb = xq.reshape(rows, nb, QB).astype(np.int64)
+    dots = np.einsum("mbk,bkn->mbn", xb, q.reshape(nb, QB, n).astype(np.int64)).astype(np.float64)
+    xsum = xb.sum(axis=-1).astype(np.float64)  # [M, nb]
+    per_block = dots * d[None].astype(np.float64) + xsum[..., None] * m[None].astype(np.float64)
+    return np.einsum("mbn,mb->mn", per_block, xs.astype(np.float64)).astype(np.float32)

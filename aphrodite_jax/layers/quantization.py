@@ -1,0 +1,100 @@
+"""`--quantization int8`: 8-bit block weights (w = d * q + m, q u8, per 32 inputs) behind the Linear interface.
+
+Two executions of the same stored numbers:
+- "cpu_kernel": the AVX-512 VNNI FFI kernel (aphrodite_jax/kernels/cpu), which also quantizes the
+  activations to int8 on the fly (blocks of 32 along K). The grid holds GGUF Q4_1 blocks exactly. Why: XLA's CPU backend runs int8 and bf16 dots
+  several times slower than fp32, and at batch 1 the step is bound by reading fp32 weights.
+- "xla": weight-only, y = x @ (d * q + m) dequantized inside the jitted step; the ordinary path on TPU/GPU
+  (XLA fuses the dequantization into the matmul's operand there), and the tests' check on any backend.
+`quantize_model` is the loader hook: it runs once after the fp32 weights are loaded and replaces the weights
+of every Linear (qkv, o_proj, gate_up, down, an untied lm_head) and the tied embedding's LM head.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aphrodite_jax.kernels.cpu import int8_matmul as kern
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("int8",)
+MODES = ("cpu_kernel", "xla")
+
+
+class QuantArray(nnx.Variable):
+    """Quantized weights or their scales: part of the model state (jit arguments), but not an nnx.Param,
+    so the loaders' every-Param-loaded check and the dummy initialiser skip them."""
+
+
+class Int8Weight(nnx.Module):
+    """8-bit block weights for y = x @ W, W [K, N] (w = d * q + m per 32 along K); [..., K] -> [..., N]."""
+
+    def __init__(self, w: np.ndarray, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"unknown int8 mode {mode!r}; expected one of {MODES}")
+        k, n = w.shape
+        self.mode, self.k, self.n = mode, int(k), int(n)
+        q, d, m = kern.quantize_blocks(w)  # u8 [Kp, N], f32 [nb, N] x2
+        if mode == "cpu_kernel":
+            packed, dm = kern.pack_blocks(q, d, m)  # u8 [Np, Kp], f32 [Np/16 * nb * 2 * 16]
+            self.q = QuantArray(jax.device_put(packed))
+            self.dm = QuantArray(jax.device_put(dm))
+        else:
+            self.q = QuantArray(jax.device_put(q))
+            self.dm = QuantArray(jax.device_put(np.stack([d, m])))  # [2, nb, N]
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        lead = x.shape[:-1]
+        out_dtype = out_dtype or x.dtype
+        x2 = x.reshape(-1, self.k)  # [M, K]
+        if self.mode == "cpu_kernel":
+            y = kern.int8_matmul(x2, self.q[...], self.dm[...], self.n)  # f32[M, N]
+        else:
+            dm = self.dm[...].astype(x2.dtype)  # [2, nb, N]
+            nb = dm.shape[1]
+            w = self.q[...].astype(x2.dtype).reshape(nb, kern.QB, self.n) * dm[0][:, None] + dm[1][:, None]
+            w = w.reshape(nb * kern.QB, self.n)[:self.k]  # [K, N]
+            y = jnp.einsum("mk,kn->mn", x2, w, preferred_element_type=jnp.float32)
+        return y.astype(out_dtype).reshape(*lead, self.n)
+
+
+def choose_mode() -> Optional[str]:
+    """The int8 execution for this backend, or None (with a warning) where int8 would only be slower."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    ok, why = kern.kernel_status()
+    if ok:
+        return "cpu_kernel"
+    logger.warning("--quantization int8: the CPU int8 kernel is unavailable (%s); serving the fp32 weights "
+                   "instead (XLA's own int8 dot is slower than fp32 on the CPU)", why)
+    return None
+
+
+def quantize_model(model, method: str, mode: Optional[str] = None) -> Optional[str]:
+    """Replace the model's matmul weights by int8 in place; returns the mode used (None: left fp32)."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization {method!r} is not supported; choose one of {QUANTIZATIONS}")
+    if getattr(model, "mesh", None) is not None:
+        raise ValueError("--quantization int8 with tensor or data parallelism is not supported yet")
+    mode = mode or choose_mode()
+    if mode is None:
+        return None
+    from aphrodite_jax.layers.embed import Embedding
+    from aphrodite_jax.layers.linear import Linear
+
+    count = 0
+    for _, node in list(nnx.iter_graph(model)):
+        if isinstance(node, Linear) and node.quant is None:
+            node.quantize_int8(mode)
+            count += 1
+    if getattr(model, "lm_head", "absent") is None and isinstance(getattr(model, "embed", None), Embedding):
+        model.embed.quantize_head_int8(mode)  # tied embedding: only its attend (the LM head) goes int8
+        count += 1
+    logger.info("Quantized %d weight matrices to int8 (%s)", count, mode)
+    return mode
