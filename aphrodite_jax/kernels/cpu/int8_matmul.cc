@@ -6,7 +6,9 @@
 // levels are every 17th step), so the default model's weights pass through unchanged. The activation row
 // is quantized on the fly to s8 in the same blocks (one scale per block, like llama.cpp's q8 activations),
 // so the inner loop is AVX-512 VNNI vpdpbusd (u8 x s8 -> s32), and a block contributes
-// sx * (d * sum(q * qx) + m * sum(qx)).
+// sx * (d * sum(q * qx) + m * sum(qx)). With the `residual` attribute the rounding error of qx is
+// quantized again into a second s8 plane (qx' = 254 qx + qx2, scale sx / 254): ~15-bit activations for
+// twice the integer work, which keeps greedy output with fp32's (int8 activations alone flip near-ties).
 //
 // Layout (built by int8_matmul.py `pack_blocks`): q as u8 [Np/16, Kp/4, 16, 4] (Np, Kp: N, K padded to 16
 // and QB). One 64-byte load holds 4 consecutive k of 16 outputs, so a broadcast of 4 activation bytes feeds
@@ -37,6 +39,7 @@ struct Job {
   const uint8_t* w;      // packed weights
   const float* dm;       // [Np/16, nb, 2, 16] block scales and offsets
   const int8_t* xq;      // [M, Kp] quantized activations
+  const int8_t* xq2;     // [M, Kp] their quantized residuals (residual mode only)
   const float* xs;       // [M, nb] activation block scales
   const float* xm;       // [M, nb] sx * sum(xq) per block (the offsets' factor)
   float* y;              // [M, N]
@@ -45,13 +48,14 @@ struct Job {
   int64_t tiles_per_chunk, chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
-  std::vector<int8_t> xq_buf;
+  std::vector<int8_t> xq_buf, xq2_buf;
   std::vector<float> xs_buf;
   std::vector<float> xm_buf;
 };
 
-// MT tokens x G groups of 16 outputs, starting at output group g0 and token m0.
-template <int MT, int G>
+// MT tokens x G groups of 16 outputs, starting at output group g0 and token m0. R: residual mode, the
+// activation is q + q2 / 254 in units of the block scale (two s8 planes, two vpdpbusd per weight load).
+template <int MT, int G, bool R>
 inline void micro(const Job& j, int64_t g0, int64_t m0) {
   const int64_t group_bytes = j.Kp * 16;
   const uint8_t* wg[G];
@@ -60,13 +64,17 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
   for (int t = 0; t < MT; ++t)
     for (int g = 0; g < G; ++g) facc[t][g] = _mm512_setzero_ps();
   const int8_t* xrow[MT];
-  for (int t = 0; t < MT; ++t) xrow[t] = j.xq + (m0 + t) * j.Kp;
+  const int8_t* xrow2[MT];
+  for (int t = 0; t < MT; ++t) {
+    xrow[t] = j.xq + (m0 + t) * j.Kp;
+    xrow2[t] = R ? j.xq2 + (m0 + t) * j.Kp : nullptr;
+  }
   const float* dmg[G];
   for (int g = 0; g < G; ++g) dmg[g] = j.dm + (g0 + g) * j.nb * 32;
   for (int64_t b = 0; b < j.nb; ++b) {
-    __m512i iacc[MT][G];
+    __m512i iacc[MT][G], iacc2[MT][G];
     for (int t = 0; t < MT; ++t)
-      for (int g = 0; g < G; ++g) iacc[t][g] = _mm512_setzero_si512();
+      for (int g = 0; g < G; ++g) iacc[t][g] = iacc2[t][g] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int kk = 0; kk < QB / 4; ++kk) {
       const int64_t k4 = b * (QB / 4) + kk;
@@ -77,6 +85,11 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
         std::memcpy(&xi, xrow[t] + k4 * 4, 4);
         __m512i xb = _mm512_set1_epi32(xi);
         for (int g = 0; g < G; ++g) iacc[t][g] = _mm512_dpbusd_epi32(iacc[t][g], wv[g], xb);
+        if (R) {
+          std::memcpy(&xi, xrow2[t] + k4 * 4, 4);
+          __m512i xb2 = _mm512_set1_epi32(xi);
+          for (int g = 0; g < G; ++g) iacc2[t][g] = _mm512_dpbusd_epi32(iacc2[t][g], wv[g], xb2);
+        }
       }
     }
     __m512 d[G], m[G];
@@ -88,7 +101,9 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
       __m512 sx = _mm512_set1_ps(j.xs[(m0 + t) * j.nb + b]);
       __m512 xm = _mm512_set1_ps(j.xm[(m0 + t) * j.nb + b]);
       for (int g = 0; g < G; ++g) {
-        facc[t][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][g]), _mm512_mul_ps(d[g], sx), facc[t][g]);
+        __m512 f = _mm512_cvtepi32_ps(iacc[t][g]);
+        if (R) f = _mm512_fmadd_ps(f, _mm512_set1_ps(254.0f), _mm512_cvtepi32_ps(iacc2[t][g]));
+        facc[t][g] = _mm512_fmadd_ps(f, _mm512_mul_ps(d[g], sx), facc[t][g]);
         facc[t][g] = _mm512_fmadd_ps(m[g], xm, facc[t][g]);
       }
     }
@@ -102,14 +117,19 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
   }
 }
 
-template <int G>
+template <int G, bool R>
 void tile(const Job& j, int64_t g0) {
   int64_t m = 0;
-  for (; m + 4 <= j.M; m += 4) micro<4, G>(j, g0, m);
+  if (R) {  // twice the accumulators: 2 tokens per tile keeps them in registers
+    for (; m + 2 <= j.M; m += 2) micro<2, G, R>(j, g0, m);
+    if (m < j.M) micro<1, G, R>(j, g0, m);
+    return;
+  }
+  for (; m + 4 <= j.M; m += 4) micro<4, G, R>(j, g0, m);
   switch (j.M - m) {
-    case 3: micro<3, G>(j, g0, m); break;
-    case 2: micro<2, G>(j, g0, m); break;
-    case 1: micro<1, G>(j, g0, m); break;
+    case 3: micro<3, G, R>(j, g0, m); break;
+    case 2: micro<2, G, R>(j, g0, m); break;
+    case 1: micro<1, G, R>(j, g0, m); break;
     default: break;
   }
 }
@@ -122,15 +142,17 @@ void run_chunks(Job& j) {
     const int64_t t_end = std::min(j.tiles, (c + 1) * j.tiles_per_chunk);
     for (int64_t t = c * j.tiles_per_chunk; t < t_end; ++t) {
       const int64_t g0 = t * 2;
-      if (g0 + 2 <= groups) tile<2>(j, g0);
-      else tile<1>(j, g0);
+      const bool two = g0 + 2 <= groups;
+      if (j.xq2 != nullptr) two ? tile<2, true>(j, g0) : tile<1, true>(j, g0);
+      else two ? tile<2, false>(j, g0) : tile<1, false>(j, g0);
     }
     j.done.fetch_add(1, std::memory_order_release);
   }
 }
 
-// Per token and block of QB: scale = max|x| / 127, q = round(x / scale), and scale * sum(q).
-void quantize_rows(const float* x, int64_t M, int64_t K, Job& j) {
+// Per token and block of QB: scale = max|x| / 127, q = round(x / scale), and scale * sum(q). Residual
+// mode adds q2 = round(254 * (x / scale - q)) and uses scale / 254 with q' = 254 q + q2.
+void quantize_rows(const float* x, int64_t M, int64_t K, bool residual, Job& j) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     int8_t* qr = j.xq_buf.data() + m * j.Kp;
@@ -147,14 +169,27 @@ void quantize_rows(const float* x, int64_t M, int64_t K, Job& j) {
       __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
       _mm_storeu_si128((__m128i*)(qr + k0), _mm512_cvtsepi32_epi8(qlo));
       _mm_storeu_si128((__m128i*)(qr + k0 + 16), _mm512_cvtsepi32_epi8(qhi));
-      j.xs_buf[m * j.nb + b] = d;
-      j.xm_buf[m * j.nb + b] = d * (float)(_mm512_reduce_add_epi32(qlo) + _mm512_reduce_add_epi32(qhi));
+      int64_t qsum = _mm512_reduce_add_epi32(qlo) + _mm512_reduce_add_epi32(qhi);
+      float scale = d;
+      if (residual) {
+        const __m512 f254 = _mm512_set1_ps(254.0f);
+        __m512 rlo = _mm512_mul_ps(_mm512_fmsub_ps(lo, _mm512_set1_ps(id), _mm512_cvtepi32_ps(qlo)), f254);
+        __m512 rhi = _mm512_mul_ps(_mm512_fmsub_ps(hi, _mm512_set1_ps(id), _mm512_cvtepi32_ps(qhi)), f254);
+        __m512i q2lo = _mm512_cvtps_epi32(rlo), q2hi = _mm512_cvtps_epi32(rhi);
+        int8_t* q2r = j.xq2_buf.data() + m * j.Kp;
+        _mm_storeu_si128((__m128i*)(q2r + k0), _mm512_cvtsepi32_epi8(q2lo));
+        _mm_storeu_si128((__m128i*)(q2r + k0 + 16), _mm512_cvtsepi32_epi8(q2hi));
+        qsum = 254 * qsum + _mm512_reduce_add_epi32(q2lo) + _mm512_reduce_add_epi32(q2hi);
+        scale = d / 254.0f;
+      }
+      j.xs_buf[m * j.nb + b] = scale;
+      j.xm_buf[m * j.nb + b] = scale * (float)qsum;
     }
   }
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                          ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> y) {
+                          ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> y, int32_t residual) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("int8_matmul: x, w and y must be 2-D");
@@ -168,9 +203,10 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   j.xq_buf.assign(M * Kp, 0);
   j.xs_buf.assign(M * j.nb, 0.0f);
   j.xm_buf.assign(M * j.nb, 0.0f);
-  quantize_rows(x.typed_data(), M, K, j);
+  if (residual) j.xq2_buf.assign(M * Kp, 0);
+  quantize_rows(x.typed_data(), M, K, residual != 0, j);
   j.w = w.typed_data(); j.dm = dm.typed_data(); j.y = y->typed_data();
-  j.xq = j.xq_buf.data(); j.xs = j.xs_buf.data(); j.xm = j.xm_buf.data();
+  j.xq = j.xq_buf.data(); j.xq2 = residual ? j.xq2_buf.data() : nullptr; j.xs = j.xs_buf.data(); j.xm = j.xm_buf.data();
   j.tiles = (N + 31) / 32;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // About 4 chunks per thread balances a busy core against the per-chunk atomics.
@@ -191,4 +227,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AjInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("residual"));

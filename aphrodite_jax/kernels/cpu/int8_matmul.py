@@ -84,32 +84,42 @@ def pack_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray
     return np.ascontiguousarray(u).reshape(np_, kp), np.ascontiguousarray(dm).reshape(-1)
 
 
-def int8_matmul(x, packed, dm, n: int):
-    """x f32[M, K] @ (8-bit block weights) -> f32[M, n] through the FFI kernel (call kernel_status() first)."""
+def int8_matmul(x, packed, dm, n: int, residual: bool = True):
+    """x f32[M, K] @ (8-bit block weights) -> f32[M, n] through the FFI kernel (call kernel_status() first).
+    residual: activations as two int8 planes (q + q2/254, ~15 bits): greedy output stays with fp32's
+    far more often, for about twice the integer work (free at batch 1, where weight reads dominate)."""
     import jax
     import jax.numpy as jnp
 
     m = x.shape[0]
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        x.astype(jnp.float32), packed, dm)
+        x.astype(jnp.float32), packed, dm, residual=np.int32(1 if residual else 0))
 
 
-def quantize_activations(x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel's activation quantization: x f32[M, K] -> (q i32[M, Kp], scale f32[M, Kp/QB])."""
+def quantize_activations(x: np.ndarray, kp: int, residual: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's activation quantization: x f32[M, K] -> (q i32[M, Kp], scale f32[M, Kp/QB]), x ~ q * scale
+    per block; residual: q = 254 q1 + q2 with q2 the rounded residual, and scale / 254."""
     m, k = x.shape
     xp = np.zeros((m, kp), np.float32)
     xp[:, :k] = x
     blocks = xp.reshape(m, kp // QB, QB)
     amax = np.abs(blocks).max(axis=-1)  # [M, nb]
     inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.rint(blocks * inv[..., None]).astype(np.int32)  # round half to even, like vcvtps2dq
-    return q.reshape(m, kp), (amax / np.float32(127.0)).astype(np.float32)
+    scaled = blocks * inv[..., None]
+    q = np.rint(scaled).astype(np.int32)  # round half to even, like vcvtps2dq
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    if residual:
+        q2 = np.clip(np.rint((scaled - q) * np.float32(254.0)), -128, 127).astype(np.int32)
+        q = 254 * q + q2
+        scale = (scale / np.float32(254.0)).astype(np.float32)
+    return q.reshape(m, kp), scale
 
 
-def reference_int8_matmul(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+def reference_int8_matmul(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray,
+                          residual: bool = True) -> np.ndarray:
     """NumPy model of the kernel (q, d, m from quantize_blocks): per block, sx * (d * q.qx + m * sum qx)."""
     kp, n = q.shape
-    xq, xs = quantize_activations(np.asarray(x, np.float32), kp)  # [M, Kp], [M, nb]
+    xq, xs = quantize_activations(np.asarray(x, np.float32), kp, residual)  # [M, Kp], [M, nb]
     rows, nb = xs.shape
     xb = xq.reshape(rows, nb, QB).astype(np.int64)
     dots = np.einsum("mbk,bkn->mbn", xb, q.reshape(nb, QB, n).astype(np.int64)).astype(np.float64)

@@ -1,0 +1,103 @@
+"""The CPU int8 FFI kernel (aphrodite_jax/kernels/cpu) against its NumPy model, and the block quantizer.
+
+The kernel quantizes activations per block of 32 exactly like `reference_int8_matmul`, so the two agree to
+float rounding; a second check bounds the distance to the plain fp32 product (what quantization costs).
+"""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from aphrodite_jax.kernels.cpu import int8_matmul as K
+from aphrodite_jax.layers.quantization import Int8Weight
+
+AVAILABLE, WHY = K.kernel_status()
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"CPU int8 kernel unavailable: {WHY}")
+
+# (M tokens, K inputs, N outputs): batch 1/8/32, odd sizes (K and N off the 32/16 grid), the model's shapes
+# (qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576, the tied LM head 576->49152), a prefill tile.
+SHAPES = [(1, 576, 960), (8, 576, 576), (32, 576, 3072), (32, 1536, 576), (1, 576, 49152), (5, 100, 37),
+          (3, 33, 17), (7, 31, 1), (1, 1, 16), (130, 576, 960)]
+
+
+def _case(m, k, n, seed=0):
+    rng = np.random.default_rng(seed + m * 7 + k * 13 + n)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, : min(k, 3)] *= 20.0  # a few outlier channels, as real activations have
+    return x, w
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_kernel_matches_numpy_model(m, k, n, residual):
+    x, w = _case(m, k, n)
+    q, d, mn = K.quantize_blocks(w)
+    packed, dm = K.pack_blocks(q, d, mn)
+    y = np.asarray(jax.jit(lambda a, b, c: K.int8_matmul(a, b, c, n, residual))(x, packed, dm))
+    assert y.shape == (m, n)
+    ref = K.reference_int8_matmul(x, q, d, mn, residual)
+    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(w).max()  # bound on |y| per row
+    np.testing.assert_allclose(y, ref, rtol=0, atol=float(scale.max()) * 2e-6)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    rel = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+    # 8-bit weights: ~0.5% of the product's norm; 8-bit activations add ~1%, the residual plane ~0.
+    assert rel < (0.01 if residual else 0.025), rel
+
+
+@needs_kernel
+def test_kernel_zero_rows_and_blocks():
+    """All-zero activation rows and constant weight blocks (d = 0) give exact results."""
+    x = np.zeros((4, 64), np.float32)
+    x[1] = 1.0
+    x[2, 32:] = -2.0
+    w = np.full((64, 48), 0.25, np.float32)
+    w[:32, 5] = 0.0
+    q, d, mn = K.quantize_blocks(w)
+    packed, dm = K.pack_blocks(q, d, mn)
+    y = np.asarray(jax.jit(lambda a, b, c: K.int8_matmul(a, b, c, 48))(x, packed, dm))
+    np.testing.assert_allclose(y, x @ w, rtol=1e-6, atol=1e-6)
+
+
+def test_q4_1_blocks_are_exact():
+    """A GGUF Q4_1 block (w = d4 * i + m4, i in 0..15) lands on the 8-bit grid exactly (q = 17 i)."""
+    rng = np.random.default_rng(1)
+    k, n = 96, 40
+    i = rng.integers(0, 16, size=(k, n))
+    i[0::32] = 0
+    i[1::32] = 15  # every block spans the full 4-bit range, as Q4_1's min/max do
+    d4 = rng.uniform(1e-3, 1e-2, size=(k // 32, 1, n)).astype(np.float32)
+    m4 = rng.uniform(-0.1, 0.0, size=(k // 32, 1, n)).astype(np.float32)
+    w = (d4 * i.reshape(k // 32, 32, n).astype(np.float32) + m4).reshape(k, n)
+    q, d, mn = K.quantize_blocks(w)
+    np.testing.assert_array_equal(q.astype(int), 17 * i)
+    np.testing.assert_allclose(K.dequantize_blocks(q, d, mn, k), w, rtol=0, atol=2e-7)
+
+
+def test_pack_layout():
+    """Byte (g, k4, j, r) of the packed weights is q[4 k4 + r, 16 g + j]."""
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 256, size=(64, 40)).astype(np.uint8)
+    d = rng.random((2, 40)).astype(np.float32)
+    packed, dm = K.pack_blocks(q, d, d + 1)
+    u = packed.reshape(3, 16, 16, 4)  # [Np/16, Kp/4, 16, 4] with Np = 48
+    assert u[1, 5, 3, 2] == q[4 * 5 + 2, 16 + 3]
+    assert (u[2, :, 8:] == 0).all()  # padded outputs
+    dmv = dm.reshape(3, 2, 2, 16)
+    assert dmv[2, 1, 0, 7] == d[1, 39] and dmv[2, 1, 1, 7] == d[1, 39] + 1
+
+
+@pytest.mark.parametrize("mode", ["xla"] + (["cpu_kernel"] if AVAILABLE else []))
+def test_int8_weight_module(mode):
+    """The layer interface: leading dims kept, weight-only (xla) equals x @ dequantized W."""
+    x, w = _case(6, 80, 24)
+    lw = Int8Weight(w, mode)
+    x3 = jnp.asarray(x.reshape(2, 3, 80))
+    y = np.asarray(jax.jit(lambda a: lw(a))(x3))
+    assert y.shape == (2, 3, 24)
+    q, d, mn = K.quantize_blocks(w)
+    if mode == "xla":
+        np.testing.assert_allclose(y.reshape(6, 24), x @ K.dequantize_blocks(q, d, mn, 80), rtol=1e-5, atol=1e-4)
+    else:
+        np.testing.assert_allclose(y.reshape(6, 24), K.reference_int8_matmul(x, q, d, mn), rtol=1e-5, atol=1e-4)
