@@ -57,5 +57,6 @@ def test_int8_greedy_matches_fp32(default_llm, int8_llm):
     print(f"\nint8 vs fp32, {len(PROMPTS)} prompts x {GEN} greedy tokens: teacher-forced top-1 agreement "
           f"{forced:.3f} ({changed} tokens changed); free-running matching prefixes {prefix}, "
           f"equal positions {equal:.3f}")
-    assert changed <= 6, (changed, prefix)  # "at most a few tokens" of 160
-    assert sum(p == GEN for p in prefix) >= 1 and sum(prefix) >= GEN * len(PROMPTS) // 4, prefix
+    # Measured (2026-11-26): 1 token changed of 160, prefixes [32, 32, 32, 32, 21].
+    assert changed <= 4, (changed, prefix)  # "at most a few tokens" of 160
+    assert sum(p == GEN for p in prefix) >= 3, prefix

@@ -103,6 +103,8 @@ def test_help_exits_zero_without_loading_jax():
     (["--swap-space", "8"], "engine.cache.swap_space", 8.0),
     (["--preemption-mode", "swap"], "engine.scheduler.preemption_mode", "swap"),
     (["--compilation-cache-dir", "/tmp/cc"], "engine.compilation_cache_dir", "/tmp/cc"),
+    (["--quantization", "int8"], "engine.model.quantization", "int8"),
+    (["-q", "int8"], "engine.model.quantization", "int8"),
     (["--model", "/models/x.gguf"], "engine.model.model", "/models/x.gguf"),
     (["--api-keys", "k1"], "serving.api_keys", ["k1"]),
     (["--admin-key", "adm"], "serving.admin_key", "adm"),
@@ -244,7 +246,8 @@ def test_cli_flags_override_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("quantization: awq\n", "not supported yet: --quantization"),
+    ("kv_cache_dtype: fp8\n", "not supported yet: --kv-cache-dtype"),
+    ("quantization: awq\n", "quantization.*invalid choice: 'awq'"),
     ("basic_args:\n  - speculative_model: '[ngram]'\n", "not supported yet: --speculative-model"),
     ("no_such_key: 1\n", "unknown option 'no_such_key'"),
     ("port: [1, 2]\n", "unrecognized arguments"),
