@@ -12,6 +12,7 @@ of every Linear (qkv, o_proj, gate_up, down, an untied lm_head) and the tied emb
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import numpy as np
@@ -88,6 +89,7 @@ def quantize_model(model, method: str, mode: Optional[str] = None) -> Optional[s
     from aphrodite_jax.layers.embed import Embedding
     from aphrodite_jax.layers.linear import Linear
 
+    t0 = time.perf_counter()
     count = 0
     for _, node in list(nnx.iter_graph(model)):
         if isinstance(node, Linear) and node.quant is None:
@@ -96,5 +98,5 @@ def quantize_model(model, method: str, mode: Optional[str] = None) -> Optional[s
     if getattr(model, "lm_head", "absent") is None and isinstance(getattr(model, "embed", None), Embedding):
         model.embed.quantize_head_int8(mode)  # tied embedding: only its attend (the LM head) goes int8
         count += 1
-    logger.info("Quantized %d weight matrices to int8 (%s)", count, mode)
+    logger.info("Quantized %d weight matrices to int8 (%s) in %.1f s", count, mode, time.perf_counter() - t0)
     return mode
