@@ -25,6 +25,7 @@ class Embedding(nnx.Module):
         return jnp.einsum("nh,vh->nv", h, self.weight[...], preferred_element_type=jnp.float32)
 
     def quantize_head_int8(self, mode: str) -> None:
+        """The LM head (attend) goes 8-bit; the fp32 table stays for lookups (a few rows per step)."""
         from aphrodite_jax.layers.quantization import Int8Weight
 
         self.head = nnx.data(Int8Weight(np.asarray(self.weight.get_value(), np.float32).T, mode))  # W [H, V]

@@ -47,7 +47,7 @@ class Linear(nnx.Module):
         return jnp.einsum("nh,hv->nv", x, self.weight[...], preferred_element_type=jnp.float32)
 
     def quantize_int8(self, mode: str) -> None:
-        """Swap the loaded weight for per-channel int8 (aphrodite_jax/layers/quantization.py)."""
+        """Swap the loaded weight for 8-bit blocks (aphrodite_jax/layers/quantization.py)."""
         from aphrodite_jax.layers.quantization import Int8Weight
 
         self.quant = nnx.data(Int8Weight(np.asarray(self.weight.get_value(), np.float32), mode))
