@@ -5,7 +5,9 @@ step's own tokens attend to each other in causal tiles, every row attends to the
 cached, and the two merge by log-sum-exp. The in-step part (all of a fresh prefill's attention) is laid
 out for XLA's CPU backend: tiles are heads-major, [Hkv, G*C, D] x [Hkv, C, D] -> [Hkv, G*C, C], so both
 matmuls have their batch dimension leading and need no transposes inside the loop (about 0.55x the
-reference's time for a 1024-token prefill, benchmarks/step_breakdown.py --prefill 1024 --ab reference,cpu). The cached-context part
+reference's time for a 1024-token prefill, benchmarks/step_breakdown.py --prefill 1024 --ab reference,cpu).
+Steps of one tile (under 256 tokens: decode batches) run the reference's in-step code unchanged: there
+the heads-major transposes cost more than they save (1.2-1.5x the reference's attention time at decode 32). The cached-context part
 is reference.py's (per-row page gathers, 4 pages per iteration): the variants tried (a block-diagonal
 query over the interleaved K/V bytes, an elementwise multiply-reduce, 8 pages per iteration) were not
 faster at decode batch 32 (notes in /work/notes/issue9-forward.md and benchmarks/step_breakdown.py).
@@ -17,8 +19,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import (MASK_VALUE, _cached_context_attention, _online_update, token_layout,
-                                      write_kv)
+from pallas_kernels.reference import (MASK_VALUE, _cached_context_attention, _in_step_attention,
+                                      _online_update, token_layout, write_kv)
 
 CONTEXT_PAGES_PER_BLOCK = 4  # cached-context pages per loop iteration (measured: 8 was slower at ctx 64)
 
@@ -58,16 +60,10 @@ def _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap, chu
 
         init = (first, jnp.full((hkv, g, chunk), MASK_VALUE, jnp.float32),
                 jnp.zeros((hkv, g, chunk), jnp.float32), jnp.zeros((hkv, g, chunk, d), jnp.float32))
-        if nq == 1:  # one tile (decode-sized steps): no loops; padding rows are masked out anyway
-            _, m, l, acc = body((jnp.int32(0),) + init[1:])
-            return m, l, acc
         _, m, l, acc = jax.lax.while_loop(lambda c: c[0] <= i, body, init)
         return m, l, acc
 
-    if nq == 1:
-        m, l, acc = (x[None] for x in q_tile(0))
-    else:
-        m, l, acc = jax.lax.map(q_tile, jnp.arange(nq))  # [nq, Hkv, G, C(, D)]
+    m, l, acc = jax.lax.map(q_tile, jnp.arange(nq))  # [nq, Hkv, G, C(, D)]
     m = m.transpose(0, 3, 1, 2).reshape(t, hkv, g)
     l = l.transpose(0, 3, 1, 2).reshape(t, hkv, g)
     acc = acc.transpose(0, 3, 1, 2, 4).reshape(t, hkv, g, d)
@@ -98,8 +94,12 @@ def ragged_paged_attention(
     prev_len = jnp.where(valid, kv_lens[seq] - q_len, 0)  # [T] context written by earlier steps
 
     qf = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
-    m_a, l_a, acc_a = _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
-                               _pick_tile(num_tokens))
+    chunk = _pick_tile(num_tokens)
+    if chunk == num_tokens:  # decode-sized step, one tile: the reference's layout measured faster here
+        m_a, l_a, acc_a = _in_step_attention(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
+                                             num_tokens)
+    else:
+        m_a, l_a, acc_a = _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap, chunk)
     # Earlier context in two row groups (decode rows first, as the runner orders them), so a fresh
     # prefill never loops over a long decode context.
     split = min(num_tokens, kv_lens.shape[0])
