@@ -8,8 +8,9 @@ from typing import Any, Optional
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(source: Optional[str], gguf_file: Optional[str] = None) -> Any:
-    """An HF tokenizer from a folder / cached hub id, or from the metadata of a GGUF file; None for none."""
+def load_tokenizer(source: Optional[str], gguf_file: Optional[str] = None, cache_dir: Optional[str] = None) -> Any:
+    """An HF tokenizer from a folder / cached hub id, or from the metadata of a GGUF file; None for none.
+    cache_dir: where the tokenizer built from a GGUF file is kept between starts (gguf_snapshot.py)."""
     if source is None:
         return None
     if not gguf_file and source.endswith(".gguf") and os.path.isfile(source):  # --tokenizer FILE.gguf
@@ -17,7 +18,7 @@ def load_tokenizer(source: Optional[str], gguf_file: Optional[str] = None) -> An
     if gguf_file:
         from aphrodite_jax.loaders.gguf_loader import GGUFModel
 
-        return GGUFModel(os.path.join(source, gguf_file)).tokenizer()
+        return GGUFModel(os.path.join(source, gguf_file), cache_dir=cache_dir).tokenizer()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source)

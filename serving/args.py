@@ -165,7 +165,8 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
      "int8: per-channel int8 matmul weights (CPU: AVX-512 VNNI kernel built at first use; TPU/GPU: "
      "XLA weight-only int8); default: none"),
     (("--compilation-cache-dir",), str,
-     "persistent XLA compilation cache folder (default: ~/.cache/aphrodite_jax/jax_cache)"),
+     "start-up cache folder: XLA compilations, compiled step executables, parsed GGUF headers "
+     "(default: ~/.cache/aphrodite_jax/jax_cache; docs/operating.md)"),
     (("--max-queue-len",), int,
      "most requests waiting for a slot; past it new ones get a 503 with Retry-After (default: no limit)"),
 ]

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from aphrodite_jax.config import EngineConfig
+from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile_one
 from aphrodite_jax.runner.model_runner import ModelRunner
 from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata, needs_history
 from aphrodite_jax.sampling.registry import verify_params
@@ -68,13 +69,18 @@ class DeviceSampler:
         self._compiled: dict[tuple, Callable] = {}
         self._warm = False
 
+    @staticmethod
+    def _key(logits, md, all_greedy: bool, k: int) -> tuple:
+        return (logits.shape[0], all_greedy, k, jax.tree.map(lambda x: x.shape, md).__repr__())
+
     def _fn(self, logits, md, all_greedy: bool, k: int):
-        key = (logits.shape[0], all_greedy, k, jax.tree.map(lambda x: x.shape, md).__repr__())
+        key = self._key(logits, md, all_greedy, k)
         fn = self._compiled.get(key)
         if fn is None:
             if self._warm:
                 logger.warning("compiling a sampler variant after warm-up: %s", key[:3])
-            fn = sample.lower(logits, md, max_num_logprobs=k, all_greedy=all_greedy).compile()
+            fn = compile_one(self.runner.exec_cache, sample, "sample", (logits, md),
+                             {"max_num_logprobs": k, "all_greedy": all_greedy})
             self._compiled[key] = fn
         return fn
 
@@ -97,9 +103,11 @@ class DeviceSampler:
         k = self.max_logprobs if any(r.params.logprobs for r in rows) else 0
         return SampleResult(self._fn(logits, md, all_greedy, k)(logits, md))
 
-    def warmup(self) -> None:
+    def warmup_jobs(self) -> list[CompileJob]:
+        """Every variant warm-up covers, as jobs for `ExecutableCache.compile_all`."""
         from aphrodite_jax.sampling_params import SamplingParams
 
+        jobs = []
         for b in self.runner.sample_buckets:
             logits = jax.ShapeDtypeStruct((b, self.vocab_size), np.float32,
                                           sharding=self.runner._replicated())
@@ -111,7 +119,14 @@ class DeviceSampler:
                         md = self.metadata([SamplingRow(params, 0, 0, (1,), ())], b)
                         md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
                             x.shape, x.dtype, sharding=self.runner._replicated()), md)
-                        self._fn(logits, md, greedy, k)
+                        key = self._key(logits, md, greedy, k)
+                        if key not in self._compiled and key not in {j.key for j in jobs}:
+                            jobs.append(CompileJob(self._compiled, key, "sample", sample, (logits, md),
+                                                   {"max_num_logprobs": k, "all_greedy": greedy}))
+        return jobs
+
+    def warmup(self) -> None:
+        (self.runner.exec_cache or ExecutableCache(None, {})).compile_all(self.warmup_jobs())
         self._warm = True
 
 
@@ -126,11 +141,15 @@ class ModelStack:
     generation_config: dict
 
     def warmup(self) -> None:
+        """Compile every runner and sampler variant in one pool (or load them from the executable cache)."""
         t0 = time.perf_counter()
-        self.runner.warmup()
-        self.sampler.warmup()
-        logger.info("Compiled %d step variants in %.1f s", len(self.runner._compiled) + len(self.sampler._compiled),
-                    time.perf_counter() - t0)
+        cache = self.runner.exec_cache or ExecutableCache(None, {})
+        hits, misses = cache.hits, cache.misses
+        cache.compile_all(self.runner.warmup_jobs() + self.sampler.warmup_jobs())
+        self.runner._warm = self.sampler._warm = True
+        logger.info("Compiled %d step variants in %.1f s (%d loaded from the executable cache, %d compiled)",
+                    len(self.runner._compiled) + len(self.sampler._compiled), time.perf_counter() - t0,
+                    cache.hits - hits, cache.misses - misses)
 
 
 def _setup_compilation_cache(path: Optional[str]) -> None:
@@ -139,7 +158,10 @@ def _setup_compilation_cache(path: Optional[str]) -> None:
     path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every variant, however quick: a warm start that misses the executable cache (new source) still skips
+    # XLA's compile for each step whose lowered code did not change.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def resolve_scheduler_defaults(config: EngineConfig, max_model_len: int) -> None:
@@ -165,6 +187,30 @@ def resolve_scheduler_defaults(config: EngineConfig, max_model_len: int) -> None
     sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
 
 
+def _file_identity(path: Optional[str]) -> Any:
+    """(path, size, mtime) of a weight file, or of every file in a weight folder."""
+    if not path or not os.path.exists(path):
+        return path
+    if os.path.isdir(path):
+        return sorted(_file_identity(os.path.join(path, f)) for f in os.listdir(path)
+                      if os.path.isfile(os.path.join(path, f)))
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def cache_context(config: EngineConfig, loaded: Any, runner: ModelRunner) -> dict[str, Any]:
+    """The engine's part of the executable-cache key: whatever the traced steps close over besides their
+    arguments (engine and model config, shapes derived from them, the weight source)."""
+    engine = config.to_dict()
+    for k in ("compilation_cache_dir", "forbid_compile_after_warmup", "disable_log_stats"):
+        engine.pop(k, None)
+    hf = loaded.hf_config.to_dict() if hasattr(loaded.hf_config, "to_dict") else repr(loaded.hf_config)
+    return {"engine": engine, "hf_config": hf, "dtype": str(loaded.dtype), "max_model_len": runner.max_model_len,
+            "vocab_size": runner.vocab_size, "model_class": type(loaded.model).__qualname__,
+            "kv_spec": repr(runner.kv_spec), "mesh": None if runner.mesh is None else repr(runner.mesh),
+            "weights": (loaded.source_kind, _file_identity(loaded.source_path))}
+
+
 def build_model_stack(config: EngineConfig) -> ModelStack:
     from aphrodite_jax.models.loader import load_model
 
@@ -176,18 +222,19 @@ def build_model_stack(config: EngineConfig) -> ModelStack:
 
         mesh = make_mesh(tp, config.parallel.data_parallel_size)
     t0 = time.perf_counter()
-    loaded = load_model(config.model, mesh)
+    loaded = load_model(config.model, mesh, cache_dir=config.compilation_cache_dir)
     logger.info("Loaded the %s model (%s) in %.1f s", loaded.source_kind,
                 type(loaded.model).__name__, time.perf_counter() - t0)
     from aphrodite_jax.tokenization import eos_token_ids, generation_defaults, load_tokenizer
 
-    tokenizer = load_tokenizer(loaded.tokenizer_source, loaded.gguf_file)
+    tokenizer = load_tokenizer(loaded.tokenizer_source, loaded.gguf_file, config.compilation_cache_dir)
     gen_config = generation_defaults(loaded.tokenizer_source if not loaded.gguf_file else None)
     max_model_len = loaded.max_model_len
     resolve_scheduler_defaults(config, max_model_len)
     vocab_size = loaded.hf_config.vocab_size
     runner = ModelRunner(config, loaded.model, loaded.hf_config, max_model_len=max_model_len,
                          vocab_size=vocab_size, dtype=loaded.dtype, mesh=mesh)
+    runner.exec_cache = ExecutableCache(config.compilation_cache_dir, cache_context(config, loaded, runner))
     eos = eos_token_ids(loaded.hf_config, tokenizer, gen_config)
     sampler = DeviceSampler(runner, vocab_size, config.max_logprobs, eos)
     return ModelStack(runner=runner, sampler=sampler, tokenizer=tokenizer, hf_config=loaded.hf_config,

@@ -11,13 +11,19 @@ viewed as an array of blocks with named fields and no copying.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
+import threading
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
+
+from aphrodite_jax.loaders.gguf_snapshot import HeaderSnapshot
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["dequantize", "GGUFModel", "iter_gguf_weights", "gguf_hf_name", "SUPPORTED_QTYPES",
            "SUPPORTED_ARCHITECTURES"]
@@ -251,24 +257,57 @@ def _parsed_once(path: str, what: Any, build: Any) -> Any:
     return copy.deepcopy(_PARSED[key])
 
 
+_OPENED: dict[tuple, Any] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _file_once(path: str, kind: str, build: Any) -> Any:
+    """One GGUFReader / memmap per file version per process (the loader and the tokenizer share it)."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, kind)
+    with _OPEN_LOCK:
+        if key not in _OPENED:
+            _OPENED[key] = build()
+        return _OPENED[key]
+
+
+def _reader_once(path: str) -> "gguf.GGUFReader":
+    return _file_once(path, "reader", lambda: gguf.GGUFReader(path, "r"))
+
+
+def _memmap_once(path: str) -> np.ndarray:
+    return _file_once(path, "memmap", lambda: np.memmap(path, dtype=np.uint8, mode="r"))
+
+
 class GGUFModel:
     """One GGUF file: its metadata as an HF config, tokenizer and chat template, and its weights.
 
-    The file is memory-mapped (`GGUFReader`), so opening it costs no weight memory; weights are
-    dequantized one tensor at a time in `iter_weights`.
+    The file is memory-mapped, so opening it costs no weight memory; weights are dequantized one tensor at a
+    time in `iter_weights`. Parsing the header (`GGUFReader`) and having transformers build the config and
+    tokenizer from it take seconds each; with `cache_dir`, what they produce is kept there (see
+    `HeaderSnapshot`) and a later start on the same file version reads it back instead.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, cache_dir: Optional[str] = None):
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         self.folder, self.filename = os.path.split(self.path)
-        self.reader = gguf.GGUFReader(self.path, "r")
+        self._reader = None
         self._hf_config = None
+        self.snapshot = HeaderSnapshot.open(self.path, cache_dir) if cache_dir else None
+
+    @property
+    def reader(self) -> "gguf.GGUFReader":
+        if self._reader is None:
+            self._reader = _reader_once(self.path)
+        return self._reader
 
     # ---- metadata -------------------------------------------------------------------------
     def metadata(self, key: str, default: Any = None) -> Any:
         """One metadata value (str, int, float, or list), or `default` when absent."""
+        if self.snapshot is not None and self.snapshot.has_field(key):
+            return self.snapshot.field(key, default)
         field = self.reader.fields.get(key)
         return default if field is None else _field_value(field)
 
@@ -304,8 +343,16 @@ class GGUFModel:
         """The HF `PretrainedConfig`, built by transformers from the GGUF metadata."""
         if self._hf_config is None:
             from transformers import AutoConfig
-            cfg = _parsed_once(self.path, "config",
-                               lambda: AutoConfig.from_pretrained(self.folder, gguf_file=self.filename))
+
+            def build():
+                cfg = self.snapshot.hf_config() if self.snapshot is not None else None
+                if cfg is None:
+                    cfg = AutoConfig.from_pretrained(self.folder, gguf_file=self.filename)
+                    if self.snapshot is not None:
+                        self.snapshot.save_hf_config(cfg)
+                return cfg
+
+            cfg = _parsed_once(self.path, "config", build)
             # transformers maps no head_dim for qwen2/qwen3 GGUFs (Qwen3Config then defaults to
             # 128): take it from attention.key_length, else from the Q projection's rows.
             hd = self._head_dim()
@@ -320,16 +367,25 @@ class GGUFModel:
         if kl is not None:
             return int(kl)
         n_head = self.metadata(f"{arch}.attention.head_count")
-        for t in self.reader.tensors:
-            if t.name == "blk.0.attn_q.weight" and n_head:
-                return int(t.shape[-1]) // int(n_head)     # ggml ne1 = rows = n_head * head_dim
+        for t in self._tensor_index():
+            if t["name"] == "blk.0.attn_q.weight" and n_head:
+                return int(t["ne"][-1]) // int(n_head)     # ggml ne1 = rows = n_head * head_dim
         return None
 
     def tokenizer(self, **kwargs):
         """The HF fast tokenizer, built by transformers from the GGUF vocabulary and merges."""
         from transformers import AutoTokenizer
-        tok = _parsed_once(self.path, ("tokenizer", tuple(sorted(kwargs.items()))),
-                           lambda: AutoTokenizer.from_pretrained(self.folder, gguf_file=self.filename, **kwargs))
+
+        def build():
+            snap = self.snapshot if not kwargs else None  # only the plain tokenizer is kept
+            tok = snap.tokenizer() if snap is not None else None
+            if tok is None:
+                tok = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.filename, **kwargs)
+                if snap is not None:
+                    snap.save_tokenizer(tok)
+            return tok
+
+        tok = _parsed_once(self.path, ("tokenizer", tuple(sorted(kwargs.items()))), build)
         if getattr(tok, "chat_template", None) is None and self.chat_template:
             tok.chat_template = self.chat_template
         return tok
@@ -342,8 +398,25 @@ class GGUFModel:
         return out
 
     # ---- weights --------------------------------------------------------------------------
+    def _tensor_index(self) -> list[dict[str, Any]]:
+        """name, ggml type, ne (ggml order), byte offset and size of every tensor."""
+        if self.snapshot is not None and self.snapshot.tensors is not None:
+            return self.snapshot.tensors
+        index = [{"name": t.name, "type": int(t.tensor_type), "ne": [int(x) for x in t.shape.tolist()],
+                  "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in self.reader.tensors]
+        if self.snapshot is not None:
+            self.snapshot.save_header(self.reader, index)
+        return index
+
+    def _tensor_data(self, info: dict[str, Any]) -> np.ndarray:
+        """The raw bytes of one tensor (uint8, memory-mapped; `dequantize` takes the shape)."""
+        if self._reader is not None:
+            return self._reader.data[info["offset"]:info["offset"] + info["nbytes"]]
+        mm = _memmap_once(self.path)
+        return mm[info["offset"]:info["offset"] + info["nbytes"]]
+
     def tensor_names(self) -> list[str]:
-        return [t.name for t in self.reader.tensors]
+        return [t["name"] for t in self._tensor_index()]
 
     def _head_counts(self) -> tuple[int, int]:
         arch = self.metadata("general.architecture")
@@ -359,12 +432,12 @@ class GGUFModel:
                                       f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         permuted = arch == "llama"          # only llama.cpp's llama converter permutes Q/K rows
         n_head, n_kv = self._head_counts()
-        for t in self.reader.tensors:
-            hf_name = gguf_hf_name(t.name)
+        for t in self._tensor_index():
+            hf_name = gguf_hf_name(t["name"])
             if hf_name is None:
                 continue
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))   # ggml ne -> numpy order
-            w = dequantize(t.data, t.tensor_type, shape)
+            shape = tuple(reversed(t["ne"]))                        # ggml ne -> numpy order
+            w = dequantize(self._tensor_data(t), t["type"], shape)
             if permuted and ".self_attn.q_proj." in hf_name:
                 w = _unpermute_rope_rows(w, n_head)
             elif permuted and ".self_attn.k_proj." in hf_name:

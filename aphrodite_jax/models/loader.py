@@ -43,6 +43,7 @@ class LoadedModel:
     tokenizer_source: Optional[str]  # HF folder / GGUF folder to load the tokenizer from
     gguf_file: Optional[str] = None  # set when the tokenizer comes from a GGUF file in tokenizer_source
     source_kind: str = "hf_dir"  # "hf_dir" | "gguf" | "dummy"
+    source_path: Optional[str] = None  # the weight file / folder (None for dummy weights)
     extra: dict = field(default_factory=dict)
 
 
@@ -113,11 +114,13 @@ def _resolve_source(model_config) -> tuple[str, str]:
     return resolved.kind, str(resolved.path)
 
 
-def load_model(model_config, mesh: Optional[Mesh] = None) -> LoadedModel:
-    """Load per model_config.load_format ('auto' | 'safetensors' | 'gguf' | 'dummy') onto `mesh`."""
+def load_model(model_config, mesh: Optional[Mesh] = None, cache_dir: Optional[str] = None) -> LoadedModel:
+    """Load per model_config.load_format ('auto' | 'safetensors' | 'gguf' | 'dummy') onto `mesh`.
+
+    cache_dir: where a GGUF file's parsed header, HF config and tokenizer are kept between starts."""
     dtype = resolve_dtype(model_config.dtype)
     fmt = model_config.load_format
-    gguf_file = None
+    gguf_file = path = None
     if fmt == "dummy":
         hf_config, kind = _dummy_hf_config(model_config), "dummy"
         tok_src = model_config.tokenizer or (model_config.model if model_config.model and
@@ -131,7 +134,7 @@ def load_model(model_config, mesh: Optional[Mesh] = None) -> LoadedModel:
             raise ValueError(f"load_format='gguf' needs a .gguf file, got a {kind} source: {path}")
         if kind == "gguf":
             from aphrodite_jax.loaders.gguf_loader import GGUFModel
-            g = GGUFModel(path)
+            g = GGUFModel(path, cache_dir=cache_dir)
             hf_config = g.hf_config()
             weights, total = g.iter_weights(), len(g.tensor_names())
             tok_src, gguf_file = model_config.tokenizer or g.folder, (None if model_config.tokenizer else g.filename)
@@ -152,7 +155,7 @@ def load_model(model_config, mesh: Optional[Mesh] = None) -> LoadedModel:
         quantize_model(model, model_config.quantization)
     max_len = model_config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
     return LoadedModel(model=model, hf_config=hf_config, dtype=dtype, max_model_len=max_len,
-                       tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind)
+                       tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind, source_path=path)
 
 
 def make_kv_caches(model, num_pages: int, page_size: int, dtype=None) -> list[jax.Array]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -19,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from aphrodite_jax.config import EngineConfig
 from aphrodite_jax.layers.attention_metadata import AttentionMetadata
 from aphrodite_jax.runner.buckets import pick_bucket, power_of_two_buckets, step_shapes
+from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile_one
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +87,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_caches()
         self.host_cache = None  # lazily allocated swap space: np [L, cpu_blocks, page, 2Hkv, D]
         self._warm = False
+        self.exec_cache: Optional[ExecutableCache] = None  # set by the engine: executables kept on disk
         self._build_jits()
 
     # ------------------------------------------------------------------ setup
@@ -165,7 +164,7 @@ class ModelRunner:
         if fn is None:
             if self._warm:
                 logger.warning("compiling %s%s after warm-up: a bucket was missed", name, key)
-            fn = self._jits[name].lower(*args, **static).compile()
+            fn = compile_one(self.exec_cache, self._jits[name], name, args, static)
             self._compiled[(name,) + key] = fn
         return fn(*args)
 
@@ -299,8 +298,10 @@ class ModelRunner:
                                         self._device_put(data))
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, progress: bool = True) -> None:
-        """Compile, ahead of time and without running, every bucket of every step function."""
+    def warmup_jobs(self) -> list[CompileJob]:
+        """Every bucket of every step function, as jobs for `ExecutableCache.compile_all` (ahead of time,
+        nothing runs). Add a new step variant here and warm-up, the compile guard and the executable
+        cache all cover it."""
         i32 = jnp.int32
         sds = lambda shape, dtype=i32: jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated())
         hidden_size = self.hf_config.hidden_size
@@ -319,15 +320,10 @@ class ModelRunner:
         jobs += [("copy", (), (self.kv_caches, sds((COPY_CHUNK,)), sds((COPY_CHUNK,))), {}),
                  ("gather", (), (self.kv_caches, sds((COPY_CHUNK,))), {}),
                  ("scatter", (), (self.kv_caches, sds((COPY_CHUNK,)), data), {})]
-        jobs = [j for j in jobs if (j[0],) + j[1] not in self._compiled]
-        # Tracing needs the GIL, XLA's compile mostly does not: lower in order, compile on a pool.
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool, \
-                tqdm(total=len(jobs), desc="Compiling", disable=not progress) as bar:
-            futures = {}
-            for name, key, args, static in jobs:
-                lowered = self._jits[name].lower(*args, **static)
-                futures[pool.submit(lowered.compile)] = (name,) + key
-            for fut in as_completed(futures):
-                self._compiled[futures[fut]] = fut.result()
-                bar.update(1)
+        return [CompileJob(self._compiled, (name,) + key, name, self._jits[name], args, static)
+                for name, key, args, static in jobs if (name,) + key not in self._compiled]
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile (or load from the executable cache) every bucket of every step function."""
+        (self.exec_cache or ExecutableCache(None, {})).compile_all(self.warmup_jobs(), progress=progress)
         self._warm = True
