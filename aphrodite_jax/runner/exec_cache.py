@@ -214,15 +214,17 @@ class ExecutableCache:
         workers = workers or max(1, min(4, os.cpu_count() or 1))
         with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
             todo = []
-            for job in jobs:
-                path = self.path_for(job.name, job.args, job.static)
-                fn = self.load(path)
-                if fn is None:
-                    todo.append((job, path))
-                    continue
-                self.hits += 1
-                job.sink[job.key] = fn
-                bar.update(1)
+            paths = [self.path_for(job.name, job.args, job.static) for job in jobs]
+            # Loading waits mostly on XLA's side (linking the executable), so a pool overlaps the loads.
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                loaded = pool.map(self.load, paths)
+                for job, path, fn in zip(jobs, paths, loaded):
+                    if fn is None:
+                        todo.append((job, path))
+                        continue
+                    self.hits += 1
+                    job.sink[job.key] = fn
+                    bar.update(1)
             if not todo:
                 return
             self.misses += len(todo)
