@@ -10,6 +10,8 @@ under a key made of everything that decides what tracing would produce:
 - the variant: its name, static arguments and the shape/dtype/sharding of every argument leaf.
 A miss compiles as before (through JAX's persistent cache); an entry that fails to read or load is logged,
 deleted and compiled again. Nothing here changes what runs: only whether it was traced in this process.
+Only fresh compiles are stored: a variant that JAX's own cache answered is not (see `_compile`), so after a
+code edit whose lowered steps did not change, starts trace and load from JAX's cache as before.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -84,6 +87,28 @@ def environment() -> dict[str, Any]:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
         "jax_options": options,
     }
+
+
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_local = threading.local()
+
+
+def _on_event(event: str, **_: Any) -> None:
+    if event == _HIT_EVENT:
+        _local.persistent_hit = True
+
+
+jax.monitoring.register_event_listener(_on_event)
+
+
+def _compile(lowered: Any) -> tuple[Any, bool]:
+    """lowered.compile(), and whether JAX's persistent cache answered it (on this thread).
+
+    An executable that JAX loaded from its own cache must not be stored again: XLA:CPU re-serializes it
+    without its kernels ("Function ... not found" when a later process runs it; jaxlib 0.10.2)."""
+    _local.persistent_hit = False
+    fn = lowered.compile()
+    return fn, _local.persistent_hit
 
 
 def _leaf_sig(x: Any) -> str:
@@ -200,8 +225,9 @@ class ExecutableCache:
             self.hits += 1
             return fn
         self.misses += 1
-        fn = jitted.lower(*args, **static).compile()
-        self.store(path, fn)
+        fn, from_jax_cache = _compile(jitted.lower(*args, **static))
+        if not from_jax_cache:
+            self.store(path, fn)
         return fn
 
     # ------------------------------------------------------------------ many at once
@@ -230,8 +256,9 @@ class ExecutableCache:
             self.misses += len(todo)
 
             def finish(lowered, path):
-                fn = lowered.compile()
-                self.store(path, fn)
+                fn, from_jax_cache = _compile(lowered)
+                if not from_jax_cache:
+                    self.store(path, fn)
                 return fn
 
             with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -187,3 +187,27 @@ def test_sharded_executable_round_trip(tmp_path, src):
     out = c.compile(f, "mm", (x, w))(x, w)
     assert c.hits == 1 and out.sharding == split
     np.testing.assert_array_equal(np.asarray(out), np.ones((4, 6)) @ np.arange(36).reshape(6, 6))
+
+
+def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path, src):
+    """XLA:CPU re-serializes an executable JAX loaded from its own cache without its kernels: never store one."""
+    import jax.experimental.compilation_cache.compilation_cache as jcc
+
+    f = jax.jit(lambda x: jnp.sort(jnp.tanh(x) + jax.lax.iota(jnp.float32, 64)))
+    args = (jnp.ones((4, 64)),)
+    prev = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jaxcache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        jcc.reset_cache()
+        f.lower(*args).compile()  # fills JAX's own cache
+        jax.clear_caches()
+        c = _cache(tmp_path, src)
+        fn = c.compile(f, "sorted", args)  # answered by JAX's cache
+        assert c.misses == 1 and not os.path.exists(c.path_for("sorted", args, {}))
+        np.testing.assert_allclose(np.asarray(fn(*args)), np.sort(np.tanh(1.0) + np.arange(64.0), axis=-1)[None]
+                                   .repeat(4, 0), rtol=1e-6)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", prev[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", prev[1])
+        jcc.reset_cache()
