@@ -10,8 +10,8 @@ under a key made of everything that decides what tracing would produce:
 - the variant: its name, static arguments and the shape/dtype/sharding of every argument leaf.
 A miss compiles as before (through JAX's persistent cache); an entry that fails to read or load is logged,
 deleted and compiled again. Nothing here changes what runs: only whether it was traced in this process.
-Only fresh compiles are stored: a variant that JAX's own cache answered is not (see `_compile`), so after a
-code edit whose lowered steps did not change, starts trace and load from JAX's cache as before.
+Only compiles of a process that has loaded no executable are stored (see `_compile`): a cold start fills the
+cache; after a code edit whose lowered steps did not change, starts trace and load from JAX's cache as before.
 """
 from __future__ import annotations
 
@@ -90,25 +90,29 @@ def environment() -> dict[str, Any]:
 
 
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
-_local = threading.local()
+_state = {"tainted": False}  # this process has loaded an executable (ours or JAX's cache): store nothing more
 
 
 def _on_event(event: str, **_: Any) -> None:
     if event == _HIT_EVENT:
-        _local.persistent_hit = True
+        _state["tainted"] = True
 
 
 jax.monitoring.register_event_listener(_on_event)
 
 
 def _compile(lowered: Any) -> tuple[Any, bool]:
-    """lowered.compile(), and whether JAX's persistent cache answered it (on this thread).
+    """lowered.compile(), and whether the result may be stored.
 
-    An executable that JAX loaded from its own cache must not be stored again: XLA:CPU re-serializes it
-    without its kernels ("Function ... not found" when a later process runs it; jaxlib 0.10.2)."""
-    _local.persistent_hit = False
+    Only compiles made in a process that has not loaded any executable are stored. XLA:CPU (jaxlib 0.10.2)
+    re-serializes an executable that JAX loaded from its own cache without its kernels, and kernels of an
+    executable compiled after such loads may be missing too: a later process then fails at the first call with
+    "Function ... not found". A fresh process (a cold start) stores everything; a process that loads (a warm
+    start, or one helped by JAX's cache) compiles as before and stores nothing.
+    """
+    clean = not _state["tainted"]
     fn = lowered.compile()
-    return fn, _local.persistent_hit
+    return fn, clean and not _state["tainted"]
 
 
 def _leaf_sig(x: Any) -> str:
@@ -190,6 +194,7 @@ class ExecutableCache:
 
             by_id = {d.id: d for d in jax.devices()}
             devices = [by_id[i] for i in device_ids]  # KeyError: compiled for devices this process lacks
+            _state["tainted"] = True
             return deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
         except Exception as exc:  # noqa: BLE001 - any bad entry falls back to compiling
             logger.warning("ignoring executable-cache entry %s: %s; compiling it again", os.path.basename(path),
@@ -225,8 +230,8 @@ class ExecutableCache:
             self.hits += 1
             return fn
         self.misses += 1
-        fn, from_jax_cache = _compile(jitted.lower(*args, **static))
-        if not from_jax_cache:
+        fn, storable = _compile(jitted.lower(*args, **static))
+        if storable:
             self.store(path, fn)
         return fn
 
@@ -256,8 +261,8 @@ class ExecutableCache:
             self.misses += len(todo)
 
             def finish(lowered, path):
-                fn, from_jax_cache = _compile(lowered)
-                if not from_jax_cache:
+                fn, storable = _compile(lowered)
+                if storable:
                     self.store(path, fn)
                 return fn
 

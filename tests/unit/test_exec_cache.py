@@ -26,6 +26,12 @@ def _args(n=8):
     return (jnp.arange(n * 4, dtype=jnp.float32).reshape(n, 4) / 10, jnp.eye(4, dtype=jnp.float32))
 
 
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch):
+    """Each test starts as a process that has loaded nothing (a load or a JAX-cache hit stops storing)."""
+    monkeypatch.setitem(exec_cache._state, "tainted", False)
+
+
 @pytest.fixture()
 def src(tmp_path):
     """A stand-in source tree, so tests can 'edit the code'."""
@@ -48,6 +54,7 @@ def test_hit_after_store_gives_the_same_results(tmp_path, src):
     traces, compiles = COUNTER.traces, COUNTER.compiles
     f2 = c2.compile(_affine, "affine", args)
     assert (c2.hits, c2.misses) == (1, 0)
+    assert exec_cache._state["tainted"]  # it loaded: later compiles of this process are not stored
     assert (COUNTER.traces, COUNTER.compiles) == (traces, compiles)  # loaded: neither traced nor compiled
     a, b = f1(*args), f2(*args)
     np.testing.assert_array_equal(np.asarray(a["y"]), np.asarray(b["y"]))
@@ -190,7 +197,8 @@ def test_sharded_executable_round_trip(tmp_path, src):
 
 
 def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path, src):
-    """XLA:CPU re-serializes an executable JAX loaded from its own cache without its kernels: never store one."""
+    """XLA:CPU re-serializes an executable JAX loaded from its own cache without its kernels: a process that
+    loaded one stores nothing more."""
     import jax.experimental.compilation_cache.compilation_cache as jcc
 
     f = jax.jit(lambda x: jnp.sort(jnp.tanh(x) + jax.lax.iota(jnp.float32, 64)))
@@ -205,6 +213,8 @@ def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path, src):
         c = _cache(tmp_path, src)
         fn = c.compile(f, "sorted", args)  # answered by JAX's cache
         assert c.misses == 1 and not os.path.exists(c.path_for("sorted", args, {}))
+        c.compile(_affine, "affine", _args())  # a fresh compile, but in a process that loaded: not stored
+        assert not os.path.exists(c.path_for("affine", _args(), {}))
         np.testing.assert_allclose(np.asarray(fn(*args)), np.sort(np.tanh(1.0) + np.arange(64.0), axis=-1)[None]
                                    .repeat(4, 0), rtol=1e-6)
     finally:
