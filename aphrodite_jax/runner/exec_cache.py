@@ -67,6 +67,17 @@ def source_digest(roots: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+_OWN_SOURCE: list[str] = []
+
+
+def _own_source() -> str:
+    """The package's source digest, taken once per process (by the first engine, after its imports): a file
+    edited while the process runs must not give its in-memory code a new file's key."""
+    if not _OWN_SOURCE:
+        _OWN_SOURCE.append(source_digest(source_roots()))
+    return _OWN_SOURCE[0]
+
+
 def environment() -> dict[str, Any]:
     """What outside the engine's own config decides the compiled code."""
     import jaxlib
@@ -159,7 +170,7 @@ class ExecutableCache:
         if not root:
             return
         self.fingerprint = _digest(json.dumps({"format": MAGIC.decode().strip(), "env": environment(),
-                                               "source": source_digest(roots or source_roots()),
+                                               "source": source_digest(roots) if roots else _own_source(),
                                                "context": context}, sort_keys=True, default=repr))
         base = os.path.join(os.path.expanduser(root), SUBDIR)
         self.dir = os.path.join(base, self.fingerprint[:40])
