@@ -5,8 +5,8 @@ each on the 2-core CPU). This cache stores the executables themselves (`jax.expe
 under a key made of everything that decides what tracing would produce:
 - the environment: jax/jaxlib/flax/numpy versions, backend, platform version, devices, XLA flags, JAX options;
 - the engine: its config, the model config and the weight file's identity (the caller's `context`);
-- the code: a hash of every source file under aphrodite_jax/ and pallas_kernels/, so an edit anywhere
-  invalidates every entry (a stale executable must never run);
+- the code: a hash of every source file (Python, C/C++) under aphrodite_jax/ and pallas_kernels/, so an edit
+  anywhere invalidates every entry (a stale executable must never run);
 - the variant: its name, static arguments and the shape/dtype/sharding of every argument leaf.
 A miss compiles as before (through JAX's persistent cache); an entry that fails to read or load is logged,
 deleted and compiled again. Nothing here changes what runs: only whether it was traced in this process.
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"APHJAXEXE2\n"
 SUBDIR = "executables"
 KEEP_GENERATIONS = 8  # fingerprint folders kept (other source versions, other engines); older ones pruned
-_SOURCE_SUFFIXES = (".py",)
+_SOURCE_SUFFIXES = (".py", ".cc", ".cpp", ".c", ".h", ".hpp")  # C++ kernels too (XLA FFI)
 _ENV_PREFIXES = ("XLA_", "JAX_", "TPU_", "LIBTPU_", "APHRODITE_")
 
 
