@@ -92,6 +92,9 @@ class Scheduler:
         # The runner pads each step's tokens up to one of these (runner/buckets.py); with chunked
         # prefill the scheduler trims prefill chunks so a step does not pay for a mostly empty bucket.
         self.token_buckets = sorted(token_buckets) if token_buckets else None
+        # Below this many tokens a CPU step is weight-bandwidth bound (padding is nearly free), so
+        # steps are only trimmed down to buckets at least this large.
+        self.min_trim_bucket = 256
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.preemption_mode = scheduler_config.preemption_mode
         self.block_manager = BlockManager(num_gpu_blocks, num_cpu_blocks, cache_config.block_size,
@@ -290,6 +293,8 @@ class Scheduler:
             return prefill_rows
         up = next((b for b in buckets if b >= total), None)
         low = max(b for b in buckets if b < total)
+        if low < self.min_trim_bucket:
+            return prefill_rows  # small steps cost about the same padded or not: deferring only delays
         if up is not None and up - total <= total - low:
             return prefill_rows
         excess = total - low

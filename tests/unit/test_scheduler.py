@@ -16,8 +16,10 @@ BS = 8
 
 
 def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, token_buckets=None, **kw):
-    return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=BS, enable_prefix_caching=prefix),
-                     num_gpu, num_cpu, max_model_len, token_buckets=token_buckets)
+    s = Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=BS, enable_prefix_caching=prefix),
+                  num_gpu, num_cpu, max_model_len, token_buckets=token_buckets)
+    s.min_trim_bucket = 8  # the tests' steps are tiny
+    return s
 
 
 def add(s, rid, prompt, t=None, params=None):
@@ -182,6 +184,16 @@ def test_trimming_drops_a_chunk_cut_to_nothing():
     out = step(s, max_out=20)
     assert ("2", 2, True) in [(r.group.request_id, r.num_new_tokens, r.do_sample) for r in out.scheduled]
     assert late.seqs[0].get_output_len() == 1
+
+
+def test_no_trim_below_the_minimum_bucket():
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=256, token_buckets=BUCKETS)
+    s.min_trim_bucket = 64
+    for i in range(3):
+        add(s, i, range(5))
+    step(s, max_out=20)
+    add(s, 3, range(40))
+    assert step(s, max_out=20).num_batched_tokens == 43  # would be trimmed to 32 with a smaller minimum
 
 
 def test_prompt_too_long_is_ignored():
