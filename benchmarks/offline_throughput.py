@@ -68,11 +68,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", action="store_true", help="also run HF transformers generate() side by side")
     ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--quantization", default=None, help="ours only, e.g. int8 (HF stays fp32)")
     args = ap.parse_args()
 
     from aphrodite_jax import LLM
 
-    llm = LLM(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              quantization=args.quantization)
     tok = llm.get_tokenizer()
     ours, hf = [], []
     hf_model = None
@@ -95,7 +97,7 @@ def main() -> None:
             hf.append(run_hf(hf_model, prompts, args.output_len, args.hf_batch,
                              tok.pad_token_id if tok.pad_token_id is not None else 0))
         print(f"repeat {rep}: ours {ours[-1]:.1f} tok/s" + (f", HF {hf[-1]:.1f} tok/s" if hf else ""))
-    result = {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+    result = {"quantization": args.quantization, "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
               "ours_tok_s": round(statistics.median(ours), 1)}
     if hf:
         result["hf_tok_s"] = round(statistics.median(hf), 1)
