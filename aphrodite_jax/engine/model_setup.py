@@ -17,7 +17,7 @@ import numpy as np
 from aphrodite_jax.config import EngineConfig
 from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile_one
 from aphrodite_jax.runner.model_runner import ModelRunner
-from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata, needs_history
+from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata
 from aphrodite_jax.sampling.registry import verify_params
 from aphrodite_jax.sampling.sampler import sample
 
@@ -51,9 +51,11 @@ class DeviceSampler:
     """Turns per-draw SamplingRows into one padded SamplingMetadata and runs the jitted sampler.
 
     Variants compiled ahead of time: every sample bucket x {all greedy, some sampled} x {no logprobs,
-    max_logprobs} x {no token history, history of max_model_len}. Logprob requests always compute
-    the top `max_logprobs`, so a new `logprobs` value never recompiles; the metadata widths are pinned
-    (BIAS_WIDTH sparse biases/bans and allowed ids, DRY_WIDTH breakers, the history at max_model_len), so only a
+    max_logprobs}. Logprob requests always compute the top `max_logprobs`, so a new `logprobs` value never
+    recompiles; the metadata widths are pinned (BIAS_WIDTH sparse biases/bans and allowed ids, DRY_WIDTH
+    breakers, the token history always at max_model_len: a step with no history sampler skips those steps
+    behind their `lax.cond`, and the unused [B, max_model_len] array costs well under a millisecond, while a
+    separate no-history variant cost a quarter of a cold start's compile time), so only a
     request beyond those widths (more than 512 logit_bias/ban entries or allowed ids, more than 16 DRY breakers)
     compiles a new variant, once.
     """
@@ -86,11 +88,10 @@ class DeviceSampler:
 
     def metadata(self, rows: Sequence[SamplingRow], batch_bucket: int):
         """Host arrays for one step's draws, padded to the sample bucket."""
-        history = self.runner.max_model_len if any(needs_history(r.params) for r in rows) else None
         return make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids,
                                       bias_width=self.BIAS_WIDTH, allowed_width=self.BIAS_WIDTH,
                                       dry_width=self.DRY_WIDTH,
-                                      history_width=history)
+                                      history_width=self.runner.max_model_len)
 
     @staticmethod
     def verify(params: Any) -> None:
@@ -113,16 +114,14 @@ class DeviceSampler:
                                           sharding=self.runner._replicated())
             for greedy in (True, False):
                 for k in (0, self.max_logprobs):
-                    for penalty in (1.0, 1.1):  # without / with the token history
-                        params = SamplingParams(temperature=0.0 if greedy else 1.0, logprobs=k or None,
-                                                repetition_penalty=penalty)
-                        md = self.metadata([SamplingRow(params, 0, 0, (1,), ())], b)
-                        md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-                            x.shape, x.dtype, sharding=self.runner._replicated()), md)
-                        key = self._key(logits, md, greedy, k)
-                        if key not in self._compiled and key not in {j.key for j in jobs}:
-                            jobs.append(CompileJob(self._compiled, key, "sample", sample, (logits, md),
-                                                   {"max_num_logprobs": k, "all_greedy": greedy}))
+                    params = SamplingParams(temperature=0.0 if greedy else 1.0, logprobs=k or None)
+                    md = self.metadata([SamplingRow(params, 0, 0, (1,), ())], b)
+                    md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                        x.shape, x.dtype, sharding=self.runner._replicated()), md)
+                    key = self._key(logits, md, greedy, k)
+                    if key not in self._compiled and key not in {j.key for j in jobs}:
+                        jobs.append(CompileJob(self._compiled, key, "sample", sample, (logits, md),
+                                               {"max_num_logprobs": k, "all_greedy": greedy}))
         return jobs
 
     def warmup(self) -> None:
