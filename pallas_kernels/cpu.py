@@ -19,8 +19,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import (MASK_VALUE, _cached_context_attention, _in_step_attention,
-                                      _online_update, token_layout, write_kv)
+from pallas_kernels.reference import (MASK_VALUE, _in_step_attention, _online_update, context_and_merge,
+                                      token_layout, write_kv)
 
 CONTEXT_PAGES_PER_BLOCK = 4  # cached-context pages per loop iteration (measured: 8 was slower at ctx 64)
 
@@ -100,21 +100,7 @@ def ragged_paged_attention(
                                              num_tokens)
     else:
         m_a, l_a, acc_a = _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap, chunk)
-    # Earlier context in two row groups (decode rows first, as the runner orders them), so a fresh
-    # prefill never loops over a long decode context.
-    split = min(num_tokens, kv_lens.shape[0])
-    parts = []
-    for lo, hi in ((0, split), (split, num_tokens)):
-        if hi > lo:
-            parts.append(_cached_context_attention(
-                qf[lo:hi], kv_cache, page_indices, seq[lo:hi], pos[lo:hi], prev_len[lo:hi], valid[lo:hi],
-                sliding_window, soft_cap, CONTEXT_PAGES_PER_BLOCK))
-    m_b, l_b, acc_b = (jnp.concatenate(x) for x in zip(*parts))
-    m = jnp.maximum(m_a, m_b)
-    ca, cb = jnp.exp(m_a - m), jnp.exp(m_b - m)
-    l = l_a * ca + l_b * cb
-    acc = acc_a * ca[..., None] + acc_b * cb[..., None]
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
-    out = jnp.where(valid[:, None, None, None], out, 0.0)
+    out = context_and_merge(qf, (m_a, l_a, acc_a), kv_cache, page_indices, kv_lens, seq, pos, prev_len, valid,
+                            sliding_window, soft_cap, CONTEXT_PAGES_PER_BLOCK)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_cache
 

@@ -151,9 +151,21 @@ def ref_ragged_paged_attention(
     chunk = q_chunk if num_tokens % q_chunk == 0 else num_tokens
     m_a, l_a, acc_a = _in_step_attention(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
                                          chunk)
-    # Earlier context, in two row groups, so a fresh prefill never loops over a long decode context:
-    # the first min(T, S) rows (where the runner puts decode rows), then the rest; each group loops
-    # only as far as its own longest earlier context (zero iterations for fresh prefills).
+    out = context_and_merge(qf, (m_a, l_a, acc_a), kv_cache, page_indices, kv_lens, seq, pos, prev_len, valid,
+                            sliding_window, soft_cap, pages_per_block)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_cache
+
+
+def context_and_merge(qf, in_step, kv_cache, page_indices, kv_lens, seq, pos, prev_len, valid, sliding_window,
+                      soft_cap, pages_per_block):
+    """The cached-context part, merged with the in-step part `in_step` = (m, l, acc) by log-sum-exp.
+
+    Earlier context runs in two row groups, so a fresh prefill never loops over a long decode context:
+    the first min(T, S) rows (where the runner puts decode rows), then the rest; each group loops only as
+    far as its own longest earlier context (zero iterations for fresh prefills). Returns out [T, Hkv, G, D]
+    (zero on padding rows)."""
+    num_tokens = qf.shape[0]
+    m_a, l_a, acc_a = in_step
     split = min(num_tokens, kv_lens.shape[0])
     parts = []
     for lo, hi in ((0, split), (split, num_tokens)):
@@ -168,5 +180,4 @@ def ref_ragged_paged_attention(
     l = l_a * ca + l_b * cb
     acc = acc_a * ca[..., None] + acc_b * cb[..., None]
     out = acc / jnp.maximum(l, 1e-30)[..., None]
-    out = jnp.where(valid[:, None, None, None], out, 0.0)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_cache
+    return jnp.where(valid[:, None, None, None], out, 0.0)
