@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import shlex
 import signal
 import statistics
 import subprocess

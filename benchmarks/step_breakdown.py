@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def build(args):
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -101,7 +100,7 @@ def parts(cfg, model, md, ids, caches, t, b, impl):
         finally:
             attn_mod.ragged_paged_attention = ragged_paged_attention
 
-    L, hq, hkv, d = model.num_layers, cfg.num_attention_heads, model.layers[0].attn.kv_heads_stored, model.head_dim
+    hq, hkv, d = cfg.num_attention_heads, model.layers[0].attn.kv_heads_stored, model.head_dim
     key = jax.random.PRNGKey(1)
     q = jax.random.normal(key, (t, hq, d))
     k = jax.random.normal(key, (t, hkv, d))
@@ -211,7 +210,6 @@ def main():
         args.decode = None
 
     import jax
-    import jax.numpy as jnp
 
     cfg, model, md, ids, caches, t, b = build(args)
     impls = args.ab.split(",") if args.ab else [args.impl]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from aphrodite_jax.config import EngineConfig
-from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile_one
+from aphrodite_jax.runner.exec_cache import NO_CACHE, CompileJob, ExecutableCache, compile_one
 from aphrodite_jax.runner.model_runner import ModelRunner
 from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata
 from aphrodite_jax.sampling.registry import verify_params
@@ -124,10 +124,6 @@ class DeviceSampler:
                                                {"max_num_logprobs": k, "all_greedy": greedy}))
         return jobs
 
-    def warmup(self) -> None:
-        (self.runner.exec_cache or ExecutableCache(None, {})).compile_all(self.warmup_jobs())
-        self._warm = True
-
 
 @dataclass
 class ModelStack:
@@ -142,7 +138,7 @@ class ModelStack:
     def warmup(self) -> None:
         """Compile every runner and sampler variant in one pool (or load them from the executable cache)."""
         t0 = time.perf_counter()
-        cache = self.runner.exec_cache or ExecutableCache(None, {})
+        cache = self.runner.exec_cache or NO_CACHE
         hits, misses = cache.hits, cache.misses
         cache.compile_all(self.runner.warmup_jobs() + self.sampler.warmup_jobs())
         self.runner._warm = self.sampler._warm = True

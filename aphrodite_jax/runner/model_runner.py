@@ -322,8 +322,3 @@ class ModelRunner:
                  ("scatter", (), (self.kv_caches, sds((COPY_CHUNK,)), data), {})]
         return [CompileJob(self._compiled, (name,) + key, name, self._jits[name], args, static)
                 for name, key, args, static in jobs if (name,) + key not in self._compiled]
-
-    def warmup(self, progress: bool = True) -> None:
-        """Compile (or load from the executable cache) every bucket of every step function."""
-        (self.exec_cache or ExecutableCache(None, {})).compile_all(self.warmup_jobs(), progress=progress)
-        self._warm = True
