@@ -28,8 +28,19 @@ def _args(n=8):
 
 @pytest.fixture(autouse=True)
 def fresh_process(monkeypatch):
-    """Each test starts as a process that has loaded nothing (a load or a JAX-cache hit stops storing)."""
+    """Each test starts as a process that has loaded nothing (a load or a JAX-cache hit stops storing).
+
+    JAX's persistent cache is switched off for the test: earlier tests in the same process may have turned it
+    on, and a hit there (these tiny functions are compiled again and again) would taint the process mid-test."""
+    import jax.experimental.compilation_cache.compilation_cache as jcc
+
     monkeypatch.setitem(exec_cache._state, "tainted", False)
+    prev = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    jcc.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", prev)
+    jcc.reset_cache()
 
 
 @pytest.fixture()
@@ -206,6 +217,7 @@ def test_executable_from_jax_persistent_cache_is_not_stored(tmp_path, src):
     prev = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jaxcache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_enable_compilation_cache", True)  # the fixture turned it off
     try:
         jcc.reset_cache()
         f.lower(*args).compile()  # fills JAX's own cache
