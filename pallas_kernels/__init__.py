@@ -15,8 +15,9 @@ Layout and conventions (shared by every implementation):
   their output is zero and their K/V is not written.
 - sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
 
-`impl="auto"` picks the Pallas TPU kernel on TPU, `cpu.py` (pure JAX laid out for XLA's CPU backend) on CPU,
-and the pure-JAX reference elsewhere; `impl="reference"` is the oracle the others are tested against; `impl="tpu"` forces the
+`impl="auto"` picks the Pallas TPU kernel on TPU, `cpu.py` on CPU (the C++ FFI kernel
+aphrodite_jax/kernels/cpu/paged_attention.cc where it builds and fits, else pure JAX laid out for XLA's CPU
+backend; `impl="cpu_jax"` forces that pure-JAX path), and the pure-JAX reference elsewhere; `impl="reference"` is the oracle the others are tested against; `impl="tpu"` forces the
 TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do);
 `impl="gpu"` the Pallas Triton kernel (`interpret=True` runs it on CPU). "auto" never picks "gpu" yet: it is
 untested on a real GPU.
@@ -46,10 +47,11 @@ def ragged_paged_attention(
     if impl == "reference":
         return ref_ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
                                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if impl == "cpu":
+    if impl in ("cpu", "cpu_jax"):
         from pallas_kernels.cpu import ragged_paged_attention as cpu_rpa
         return cpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                       use_kernel=impl == "cpu")
     if impl == "tpu":
         from pallas_kernels.tpu import ragged_paged_attention as tpu_rpa
         return tpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,

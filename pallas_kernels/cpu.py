@@ -22,7 +22,16 @@ import jax.numpy as jnp
 from pallas_kernels.reference import (MASK_VALUE, _in_step_attention, _online_update, context_and_merge,
                                       token_layout, write_kv)
 
+from aphrodite_jax.kernels.cpu import paged_attention as paged_kernel
+
 CONTEXT_PAGES_PER_BLOCK = 4  # cached-context pages per loop iteration (measured: 8 was slower at ctx 64)
+
+
+def _kernel_fits(q, kv_cache, num_kv_heads: int) -> bool:
+    """Whether this call can use the C++ kernel: its shapes fit and it built here (else one warning)."""
+    if jax.default_backend() != "cpu" or not paged_kernel.supports(q.shape[2], q.shape[1], num_kv_heads, kv_cache.dtype):
+        return False
+    return paged_kernel.available_or_warn()
 
 
 def _pick_tile(t: int) -> int:
@@ -83,13 +92,19 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: Optional[int] = None,
     soft_cap: Optional[float] = None,
+    use_kernel: bool = True,
 ):
+    """use_kernel: run the C++ kernel when it is built and fits the shapes (else, or with False, pure JAX)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
 
     seq, pos, valid = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
     kv_cache = write_kv(kv_cache, k, v, page_indices, seq, pos, valid)
+    if use_kernel and _kernel_fits(q, kv_cache, num_kv_heads):
+        out = paged_kernel.paged_attention(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        return out.astype(q.dtype), kv_cache  # [T, Hq, D]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     prev_len = jnp.where(valid, kv_lens[seq] - q_len, 0)  # [T] context written by earlier steps
 

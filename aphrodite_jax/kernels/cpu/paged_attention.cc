@@ -1,0 +1,339 @@
+// Ragged paged attention for the CPU as an XLA FFI custom call: K/V are read in place from the paged
+// cache through each sequence's page table (no per-row gathers, no copies of the context).
+//
+// Why: the pure-JAX path gathers every row's context pages into a fresh [T, L, Hkv, D] block per loop
+// iteration, which costs far more than the arithmetic; here each K/V key block is read once per
+// (sequence, KV head, query tile) and used by every query head of the GQA group and every row of the tile.
+//
+// Contract (pallas_kernels/__init__.py): q [T, Hq, D] (this step's query rows, ragged over sequences),
+// kv_cache [P, PS, 2*Hkv, D] with K and V interleaved on axis 2 (k0, v0, k1, v1, ...) and this step's K/V
+// already written, kv_lens i32[S] (context length including this step), page_indices i32[S, PPS],
+// cu_q_lens i32[S+1], num_seqs i32[1]. Sequence s owns rows cu[s]..cu[s+1]-1, the last q_len positions of
+// its kv_len; row r (position pos) sees keys 0..pos (pos-W+1..pos with a sliding window W). Rows at or
+// past cu[num_seqs] are padding: their output is zero.
+//
+// Work item: (sequence, query tile of up to q_tile rows, KV head). Its query vectors are the tile's rows x
+// the G query heads of that KV head (nq = rows * G), attended with an online (flash) softmax over key
+// blocks of up to 16 keys (one zmm of scores) that never cross a page. Scores: with few query vectors
+// (decode) each key's dot product is an FMA chain and 16 of them are summed horizontally by one
+// transpose-add tree; with many (prefill tiles) the block's K is transposed once by gathers to [D, 16] and
+// every query vector's 16 scores are D broadcast-FMAs. P.V: broadcast p times V rows, MB query vectors
+// at a time kept in registers. Items run on XLA's intra-op pool, largest first, taken from an atomic
+// counter (the calling thread takes items too, as in int8_matmul.cc).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int KB = 16;             // keys per block: one zmm of scores
+constexpr int kDotPathMaxNq = 8;   // up to this many query vectors: dot + horizontal-sum scores
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Item {
+  int32_t seq, r0, r1, head;  // rows r0..r1-1 of sequence seq (relative to its first row), KV head
+  int64_t cost;               // rows x keys visited, for largest-first ordering
+};
+
+struct Job {
+  const float* q;        // [T, Hq, D]
+  const float* cache;    // [P, PS, 2*Hkv, D]
+  const int32_t* kv_lens;  // [S]
+  const int32_t* pages;  // [S, PPS]
+  const int32_t* cu;     // [S+1]
+  float* out;            // [T, Hq, D]
+  int64_t Hq, Hkv, D, P, PS, PPS;
+  float scale, soft_cap;
+  int32_t window;
+  std::vector<Item> items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// e^x for x <= 88 (x = -inf gives ~0; callers mask): Cody-Waite range reduction and a degree-6 polynomial,
+// ~1 ulp on the reduced range, scaled by 2^n with vscalefps.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// cap * tanh(s / cap), with tanh(y) = 1 - 2 / (e^{2y} + 1) (exact limits at +-inf).
+inline __m512 soft_cap512(__m512 s, float cap) {
+  const __m512 e = exp512(_mm512_mul_ps(s, _mm512_set1_ps(2.0f / cap)));
+  const __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  return _mm512_mul_ps(t, _mm512_set1_ps(cap));
+}
+
+// Lane i of the result = the sum of v[i]'s 16 lanes (a transpose-add tree: 45 shuffles/adds for 16 sums).
+inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Per-thread scratch for one item (reused across items; sized on first use).
+struct Scratch {
+  std::vector<float> qb;   // [nq, D] scaled query vectors, m = row * G + g
+  std::vector<float> acc;  // [nq, D] unnormalised outputs
+  std::vector<float> s;    // [nq, 16] scores, then probabilities of the current key block
+  std::vector<float> lv;   // [nq, 16] per-lane partial softmax denominators
+  std::vector<float> mx;   // [nq] running max
+  std::vector<float> corr; // [nq] rescale of acc for the current block
+  std::vector<float> kt;   // [D, 16] the block's K transposed (gather path)
+};
+
+// Scores s[m, i] = q_m . K_i for i < n (zero past n), K_i at kbase + i * stride.
+template <int ND>
+void scores_dot(const float* qb, int nq, const float* kbase, int64_t stride, int n, float* s) {
+  constexpr int D = 16 * ND;
+  for (int m = 0; m < nq; ++m) {
+    __m512 qv[ND];
+    for (int c = 0; c < ND; ++c) qv[c] = _mm512_loadu_ps(qb + m * D + 16 * c);
+    __m512 a[KB];
+    for (int i = 0; i < KB; ++i) {
+      a[i] = _mm512_setzero_ps();
+      if (i < n) {
+        const float* k = kbase + i * stride;
+        for (int c = 0; c < ND; ++c) a[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a[i]);
+      }
+    }
+    _mm512_storeu_ps(s + m * KB, hsum16(a));
+  }
+}
+
+// Same scores through K transposed to kt [D, 16] (one gather per d), B query vectors per pass.
+template <int ND, int B>
+void scores_kt_block(const float* qb, int m0, const float* kt, float* s) {
+  constexpr int D = 16 * ND;
+  __m512 a[B];
+  for (int b = 0; b < B; ++b) a[b] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const __m512 k = _mm512_loadu_ps(kt + d * KB);
+    for (int b = 0; b < B; ++b) a[b] = _mm512_fmadd_ps(_mm512_set1_ps(qb[(m0 + b) * D + d]), k, a[b]);
+  }
+  for (int b = 0; b < B; ++b) _mm512_storeu_ps(s + (m0 + b) * KB, a[b]);
+}
+
+template <int ND>
+void scores_kt(const float* qb, int nq, const float* kbase, int64_t stride, int n, float* kt, float* s) {
+  constexpr int D = 16 * ND;
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((int32_t)stride));
+  const __mmask16 km = n >= KB ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+  for (int d = 0; d < D; ++d)
+    _mm512_storeu_ps(kt + d * KB, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, idx, kbase + d, 4));
+  int m = 0;
+  for (; m + 8 <= nq; m += 8) scores_kt_block<ND, 8>(qb, m, kt, s);
+  for (; m < nq; ++m) scores_kt_block<ND, 1>(qb, m, kt, s);
+}
+
+// acc[m] = acc[m] * corr[m] + sum_{i < n} p[m, i] V_i for MB query vectors from m0.
+template <int ND, int MB>
+void pv_block(float* acc, const float* p, const float* corr, int m0, const float* vbase, int64_t stride, int n) {
+  constexpr int D = 16 * ND;
+  __m512 a[MB][ND];
+  for (int b = 0; b < MB; ++b) {
+    const __m512 c = _mm512_set1_ps(corr[m0 + b]);
+    for (int c2 = 0; c2 < ND; ++c2) a[b][c2] = _mm512_mul_ps(_mm512_loadu_ps(acc + (m0 + b) * D + 16 * c2), c);
+  }
+  for (int i = 0; i < n; ++i) {
+    const float* v = vbase + i * stride;
+    __m512 vv[ND];
+    for (int c2 = 0; c2 < ND; ++c2) vv[c2] = _mm512_loadu_ps(v + 16 * c2);
+    for (int b = 0; b < MB; ++b) {
+      const __m512 pb = _mm512_set1_ps(p[(m0 + b) * KB + i]);
+      for (int c2 = 0; c2 < ND; ++c2) a[b][c2] = _mm512_fmadd_ps(pb, vv[c2], a[b][c2]);
+    }
+  }
+  for (int b = 0; b < MB; ++b)
+    for (int c2 = 0; c2 < ND; ++c2) _mm512_storeu_ps(acc + (m0 + b) * D + 16 * c2, a[b][c2]);
+}
+
+template <int ND>
+void attend(const Job& j, const Item& it, Scratch& sc) {
+  constexpr int D = 16 * ND;
+  constexpr int MB = ND <= 4 ? 4 : ND <= 8 ? 2 : 1;  // MB * ND accumulators stay within the 32 zmm
+  const int64_t G = j.Hq / j.Hkv;
+  const int rows = it.r1 - it.r0;
+  const int nq = rows * (int)G;
+  const int64_t row0 = j.cu[it.seq] + it.r0;  // first query row of the tile in q/out
+  const int64_t q_len = j.cu[it.seq + 1] - j.cu[it.seq];
+  const int64_t prev = std::max<int64_t>(0, j.kv_lens[it.seq] - q_len);  // keys cached by earlier steps
+  const int64_t kend = std::min<int64_t>(prev + it.r1, j.PPS * j.PS);   // keys 0..kend-1 can be visible
+  const int64_t kstart = j.window > 0 ? std::max<int64_t>(0, prev + it.r0 - j.window + 1) : 0;
+  const int64_t stride = 2 * j.Hkv * D;  // floats between consecutive tokens of a page
+
+  sc.qb.resize((size_t)nq * D); sc.acc.assign((size_t)nq * D, 0.0f);
+  sc.s.resize((size_t)nq * KB); sc.lv.assign((size_t)nq * KB, 0.0f);
+  sc.mx.assign(nq, kNegInf); sc.corr.resize(nq); sc.kt.resize((size_t)D * KB);
+  const __m512 scale = _mm512_set1_ps(j.scale);
+  for (int r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* src = j.q + ((row0 + r) * j.Hq + it.head * G + g) * D;
+      for (int c = 0; c < ND; ++c)
+        _mm512_storeu_ps(&sc.qb[(r * G + g) * D + 16 * c], _mm512_mul_ps(_mm512_loadu_ps(src + 16 * c), scale));
+    }
+
+  const int32_t* table = j.pages + (int64_t)it.seq * j.PPS;
+  for (int64_t k0 = kstart; k0 < kend;) {
+    const int64_t page = k0 / j.PS, in_page = k0 - page * j.PS;
+    const int n = (int)std::min<int64_t>({KB, j.PS - in_page, kend - k0});
+    const int64_t pid = table[page];
+    if (pid < 0 || pid >= j.P) { k0 += n; continue; }  // a bad table entry: skip rather than read wild
+    const float* kbase = j.cache + (pid * j.PS + in_page) * stride + 2 * it.head * D;
+    const float* vbase = kbase + D;
+    if (nq <= kDotPathMaxNq) scores_dot<ND>(sc.qb.data(), nq, kbase, stride, n, sc.s.data());
+    else scores_kt<ND>(sc.qb.data(), nq, kbase, stride, n, sc.kt.data(), sc.s.data());
+
+    // Online softmax over this block; s becomes p (zero where masked), corr rescales acc.
+    for (int m = 0; m < nq; ++m) {
+      const int64_t pos = prev + it.r0 + m / G;
+      int64_t hi = std::min<int64_t>(n, pos - k0 + 1);  // keys i < hi are at or before pos
+      uint32_t bits = hi <= 0 ? 0u : hi >= KB ? 0xFFFFu : ((1u << hi) - 1u);
+      if (j.window > 0) {
+        const int64_t lo = pos - j.window + 1 - k0;  // keys i >= lo are inside the window
+        if (lo >= KB) bits = 0;
+        else if (lo > 0) bits &= ~((1u << lo) - 1u);
+      }
+      float* sm = sc.s.data() + m * KB;
+      if (bits == 0) {
+        _mm512_storeu_ps(sm, _mm512_setzero_ps());
+        sc.corr[m] = 1.0f;
+        continue;
+      }
+      const __mmask16 mask = (__mmask16)bits;
+      __m512 s = _mm512_loadu_ps(sm);
+      if (j.soft_cap > 0.0f) s = soft_cap512(s, j.soft_cap);
+      const float bmax = _mm512_mask_reduce_max_ps(mask, s);
+      const float mold = sc.mx[m], mnew = std::max(mold, bmax);
+      const float corr = mold == kNegInf ? 0.0f : std::exp(mold - mnew);
+      const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+      _mm512_storeu_ps(sm, p);
+      float* lm = sc.lv.data() + m * KB;
+      _mm512_storeu_ps(lm, _mm512_fmadd_ps(_mm512_loadu_ps(lm), _mm512_set1_ps(corr), p));
+      sc.mx[m] = mnew;
+      sc.corr[m] = corr;
+    }
+    int m = 0;
+    for (; m + MB <= nq; m += MB) pv_block<ND, MB>(sc.acc.data(), sc.s.data(), sc.corr.data(), m, vbase, stride, n);
+    for (; m < nq; ++m) pv_block<ND, 1>(sc.acc.data(), sc.s.data(), sc.corr.data(), m, vbase, stride, n);
+    k0 += n;
+  }
+
+  for (int r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int m = r * (int)G + (int)g;
+      const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(sc.lv.data() + m * KB));
+      const __m512 inv = _mm512_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
+      float* dst = j.out + ((row0 + r) * j.Hq + it.head * G + g) * D;
+      for (int c = 0; c < ND; ++c)
+        _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(&sc.acc[m * D + 16 * c]), inv));
+    }
+}
+
+void run_items(Job& j) {
+  thread_local Scratch sc;
+  for (;;) {
+    const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= (int64_t)j.items.size()) return;
+    const Item& it = j.items[c];
+    switch (j.D) {
+      case 64: attend<4>(j, it, sc); break;
+      case 128: attend<8>(j, it, sc); break;
+      case 256: attend<16>(j, it, sc); break;
+      default: break;  // rejected before any item runs
+    }
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
+                              ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> pages,
+                              ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> num_seqs,
+                              ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
+                              int32_t sliding_window, int32_t q_tile) {
+  auto qd = q.dimensions(), cd = cache.dimensions(), pd = pages.dimensions();
+  if (qd.size() != 3 || cd.size() != 4 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("paged_attention: q must be 3-D, kv_cache 4-D, page_indices 2-D");
+  const int64_t T = qd[0], Hq = qd[1], D = qd[2], S = pd[0];
+  const int64_t Hkv = cd[2] / 2;
+  if (cd[3] != D || cd[2] % 2 != 0 || Hkv == 0 || Hq % Hkv != 0 || (D != 64 && D != 128 && D != 256) ||
+      (int64_t)kv_lens.element_count() != S || (int64_t)cu.element_count() != S + 1 || q_tile < 1)
+    return ffi::Error::InvalidArgument("paged_attention: shapes do not match the ragged paged layout");
+  auto job = std::make_shared<Job>();
+  Job& j = *job;
+  j.q = q.typed_data(); j.cache = cache.typed_data(); j.kv_lens = kv_lens.typed_data();
+  j.pages = pages.typed_data(); j.cu = cu.typed_data(); j.out = out->typed_data();
+  j.Hq = Hq; j.Hkv = Hkv; j.D = D; j.P = cd[0]; j.PS = cd[1]; j.PPS = pd[1];
+  j.scale = sm_scale; j.soft_cap = soft_cap; j.window = sliding_window;
+
+  const int64_t ns = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, S);
+  const int64_t end = std::clamp<int64_t>(j.cu[ns], 0, T);  // rows from here on are padding
+  std::fill(j.out + end * Hq * D, j.out + T * Hq * D, 0.0f);
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t lo = std::clamp<int64_t>(j.cu[s], 0, end), hi = std::clamp<int64_t>(j.cu[s + 1], lo, end);
+    const int64_t prev = std::max<int64_t>(0, j.kv_lens[s] - (hi - lo));
+    for (int64_t r0 = 0; r0 < hi - lo; r0 += q_tile) {
+      const int64_t r1 = std::min<int64_t>(r0 + q_tile, hi - lo);
+      const int64_t keys = sliding_window > 0 ? std::min<int64_t>(prev + r1, sliding_window + r1 - r0) : prev + r1;
+      for (int64_t h = 0; h < Hkv; ++h)
+        j.items.push_back({(int32_t)s, (int32_t)r0, (int32_t)r1, (int32_t)h, (r1 - r0 + 8) * keys});
+    }
+  }
+  if (j.items.empty()) return ffi::Error::Success();
+  std::stable_sort(j.items.begin(), j.items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = std::min<int64_t>(threads, (int64_t)j.items.size()) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { run_items(*job); });
+  run_items(j);
+  while (j.done.load(std::memory_order_acquire) < (int64_t)j.items.size()) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AjPagedAttention, PagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [T, Hq, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kv_cache [P, PS, 2*Hkv, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_lens [S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // page_indices [S, PPS]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // cu_q_lens [S+1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_seqs [1]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [T, Hq, D]
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")        // 0: none
+                                  .Attr<int32_t>("sliding_window")  // 0: none
+                                  .Attr<int32_t>("q_tile"));
