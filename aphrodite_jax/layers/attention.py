@@ -64,6 +64,11 @@ class PagedAttention(nnx.Module):
                  qkv_bias: bool, o_bias: bool, qk_norm: bool, norm_eps: float,
                  sliding_window: Optional[int], dtype, rngs: nnx.Rngs, mesh: Optional[Mesh], tp_size: int):
         self.attn_tp, self.kv_heads_stored = plan_attention(num_heads, num_kv_heads, tp_size)
+        if jax.default_backend() == "cpu":
+            # Build and register the C++ attention kernel now: a step loaded from the executable cache
+            # is never traced, yet calls it by name.
+            from aphrodite_jax.kernels.cpu.paged_attention import kernel_status
+            kernel_status()
         self.kv_repeat = self.kv_heads_stored // num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope, self.sliding_window, self.mesh = rope, sliding_window, mesh
