@@ -45,13 +45,17 @@ def build(args):
         cfg.num_hidden_layers = args.layers
     model = get_model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     init_dummy_weights(model, seed=0)
+    if args.quantization:
+        from aphrodite_jax.layers.quantization import quantize_model
+
+        quantize_model(model, args.quantization)
     page, pps = 16, args.max_model_len // 16
     if args.prefill:
         lens, ctx = [args.prefill], [0]
     else:
         lens, ctx = [1] * args.decode, [args.context - 1] * args.decode
     n = sum(lens)
-    t = max(8, 1 << (n - 1).bit_length())
+    t = max(args.min_bucket, 1 << (n - 1).bit_length())
     s = args.max_num_seqs
     rng = np.random.default_rng(0)
     perm = rng.permutation(args.pages)  # scattered pages, as a long-running server has
@@ -195,10 +199,12 @@ def main():
     g.add_argument("--prefill", type=int, help="one fresh prompt of this many tokens")
     ap.add_argument("--context", type=int, default=64, help="context length of each decode row")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--min-bucket", type=int, default=8, help="smallest token bucket (the runner's)")
     ap.add_argument("--layers", type=int, default=0, help="override the layer count (0: the model's)")
     ap.add_argument("--pages", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--quantization", default=None, help="e.g. int8: the served `--quantization` weights")
     ap.add_argument("--impl", default="auto", help="attention impl: auto, reference, cpu")
     ap.add_argument("--ab", help="two attention impls, e.g. reference,cpu: forward and attention of each, "
                                  "interleaved, with the ratio B/A of the medians")

@@ -26,6 +26,7 @@ from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile
 logger = logging.getLogger(__name__)
 
 COPY_CHUNK = 8  # pages per copy / swap call (padded), so page moves compile once
+SINGLE = 1  # the token and sample bucket of a one-token, one-draw step (see ModelRunner.__init__)
 
 
 @dataclass
@@ -70,10 +71,14 @@ class ModelRunner:
         sched = config.scheduler
         self.max_num_seqs = sched.max_num_seqs
         self.max_tokens = sched.max_num_batched_tokens
-        self.token_buckets = power_of_two_buckets(8, self.max_tokens)
-        self.sample_buckets = power_of_two_buckets(8, self.max_num_seqs)
+        # Bucket 1 is only for a step of one token that samples one row (one stream decoding): at batch 1
+        # a step padded to 8 rows costs about twice one of 1 row (the int8 matmuls and attention scale with
+        # the padded rows), while every other step keeps the buckets from 8 up.
+        self.token_buckets = [SINGLE] + power_of_two_buckets(8, self.max_tokens)
+        self.sample_buckets = [SINGLE] + power_of_two_buckets(8, self.max_num_seqs)
         self.seq_bucket = self.sample_buckets[-1]  # attention rows: always the max (cheap metadata)
-        self.shapes = step_shapes(self.token_buckets, self.sample_buckets)
+        self.shapes = [(SINGLE, SINGLE)] + step_shapes(self.token_buckets[1:], self.sample_buckets[1:])
+        self.single_bucket = True  # False pads one-token steps to 8 as before (benchmarks' A/B)
 
         # The model knows whether attention (hence the cache) is split over KV heads or replicated.
         self._kv_sharding = (model.kv_cache_sharding() if hasattr(model, "kv_cache_sharding") else
@@ -217,8 +222,10 @@ class ModelRunner:
     def buckets_for(self, num_tokens: int, num_samples: int) -> tuple[int, int]:
         """(token bucket, sample bucket); tokens are padded up to at least the sample bucket, which
         keeps the shape set small when best_of draws several samples from one row."""
-        b = pick_bucket(self.sample_buckets, max(num_samples, 1))
-        return pick_bucket(self.token_buckets, max(num_tokens, b)), b
+        if self.single_bucket and num_tokens <= SINGLE and num_samples <= SINGLE:
+            return SINGLE, SINGLE
+        b = pick_bucket(self.sample_buckets[1:], max(num_samples, 1))
+        return pick_bucket(self.token_buckets[1:], max(num_tokens, b)), b
 
     def run_model(self, rows: Sequence[tuple[list[int], int, list[int]]], sample_rows: Sequence[int],
                   extra: Any = None):

@@ -60,3 +60,19 @@ def test_int8_greedy_matches_fp32(default_llm, int8_llm):
     # Measured (2026-11-26): 1 token changed of 160, prefixes [32, 32, 32, 32, 21].
     assert changed <= 4, (changed, prefix)  # "at most a few tokens" of 160
     assert sum(p == GEN for p in prefix) >= 3, prefix
+
+
+def test_int8_single_row_bucket_gives_the_padded_tokens(int8_llm):
+    """One stream decodes in the 1-row bucket (issue 9): the int8 kernel's rows are independent, so the
+    tokens equal those of the step padded to 8 rows."""
+    runner = int8_llm.engine.runner
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    got = {}
+    for single in (True, False):
+        runner.single_bucket = single
+        try:
+            got[single] = [int8_llm.generate([p], sp)[0].outputs[0].token_ids for p in PROMPTS[:2]]
+        finally:
+            runner.single_bucket = True
+    assert got[True] == got[False]
+    assert all(len(t) == 24 for t in got[True])

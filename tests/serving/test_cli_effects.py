@@ -136,7 +136,7 @@ def test_block_size_and_page_count(engine):
 def test_max_num_seqs_caps_running_and_width(engine, tiny):
     from aphrodite_jax.sampling_params import SamplingParams
 
-    assert engine.scheduler.max_num_seqs == 4 and engine.runner.sample_buckets == [8]
+    assert engine.scheduler.max_num_seqs == 4 and engine.runner.sample_buckets == [1, 8]
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine.add_request("wide", None, SamplingParams(n=5, max_tokens=1), prompt_token_ids=_ids(tiny, 4))
     for i in range(6):
