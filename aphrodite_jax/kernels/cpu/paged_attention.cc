@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -180,6 +181,20 @@ void pv_block(float* acc, const float* p, const float* corr, int m0, const float
     for (int c2 = 0; c2 < ND; ++c2) _mm512_storeu_ps(acc + (m0 + b) * D + 16 * c2, a[b][c2]);
 }
 
+// Prefetch the K/V rows of the block starting at key k0 (the next page is anywhere in the cache, so the
+// hardware prefetcher cannot guess it; decode is bound by these reads).
+inline void prefetch_block(const Job& j, const int32_t* table, int64_t k0, int64_t kend, int64_t stride,
+                           int64_t head_off, int64_t D) {
+  if (k0 >= kend) return;
+  const int64_t page = k0 / j.PS, in_page = k0 - page * j.PS;
+  const int64_t pid = table[page];
+  if (pid < 0 || pid >= j.P) return;
+  const int64_t n = std::min<int64_t>({KB, j.PS - in_page, kend - k0});
+  const char* base = (const char*)(j.cache + (pid * j.PS + in_page) * stride + head_off);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t b = 0; b < 2 * D * 4; b += 64) _mm_prefetch(base + i * stride * 4 + b, _MM_HINT_T0);
+}
+
 template <int ND>
 void attend(const Job& j, const Item& it, Scratch& sc) {
   constexpr int D = 16 * ND;
@@ -213,6 +228,7 @@ void attend(const Job& j, const Item& it, Scratch& sc) {
     if (pid < 0 || pid >= j.P) { k0 += n; continue; }  // a bad table entry: skip rather than read wild
     const float* kbase = j.cache + (pid * j.PS + in_page) * stride + 2 * it.head * D;
     const float* vbase = kbase + D;
+    prefetch_block(j, table, k0 + n, kend, stride, it.head * 2 * D, D);
     if (nq <= kDotPathMaxNq) scores_dot<ND>(sc.qb.data(), nq, kbase, stride, n, sc.s.data());
     else scores_kt<ND>(sc.qb.data(), nq, kbase, stride, n, sc.kt.data(), sc.s.data());
 
@@ -246,8 +262,14 @@ void attend(const Job& j, const Item& it, Scratch& sc) {
       sc.corr[m] = corr;
     }
     int m = 0;
-    for (; m + MB <= nq; m += MB) pv_block<ND, MB>(sc.acc.data(), sc.s.data(), sc.corr.data(), m, vbase, stride, n);
-    for (; m < nq; ++m) pv_block<ND, 1>(sc.acc.data(), sc.s.data(), sc.corr.data(), m, vbase, stride, n);
+    float *acc = sc.acc.data(), *p = sc.s.data(), *corr = sc.corr.data();
+    for (; m + MB <= nq; m += MB) pv_block<ND, MB>(acc, p, corr, m, vbase, stride, n);
+    switch (nq - m) {  // the rest together, so V is loaded once per key (decode: nq = G)
+      case 3: if constexpr (MB > 3) pv_block<ND, 3>(acc, p, corr, m, vbase, stride, n); break;
+      case 2: if constexpr (MB > 2) pv_block<ND, 2>(acc, p, corr, m, vbase, stride, n); break;
+      case 1: pv_block<ND, 1>(acc, p, corr, m, vbase, stride, n); break;
+      default: break;
+    }
     k0 += n;
   }
 
@@ -317,7 +339,11 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   const int64_t helpers = std::min<int64_t>(threads, (int64_t)j.items.size()) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { run_items(*job); });
   run_items(j);
-  while (j.done.load(std::memory_order_acquire) < (int64_t)j.items.size()) _mm_pause();
+  // Wait for the items the helpers took (yielding: on a loaded machine a helper may need this core).
+  for (int spins = 0; j.done.load(std::memory_order_acquire) < (int64_t)j.items.size(); ++spins) {
+    if (spins < 2000) _mm_pause();
+    else std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 
