@@ -99,12 +99,13 @@ def ragged_paged_attention(
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
 
+    if use_kernel and _kernel_fits(q, kv_cache, num_kv_heads):  # writes K/V and attends in one call
+        out, kv_cache = paged_kernel.paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens,
+                                                     num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+                                                     soft_cap=soft_cap)
+        return out.astype(q.dtype), kv_cache  # [T, Hq, D]
     seq, pos, valid = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
     kv_cache = write_kv(kv_cache, k, v, page_indices, seq, pos, valid)
-    if use_kernel and _kernel_fits(q, kv_cache, num_kv_heads):
-        out = paged_kernel.paged_attention(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-        return out.astype(q.dtype), kv_cache  # [T, Hq, D]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     prev_len = jnp.where(valid, kv_lens[seq] - q_len, 0)  # [T] context written by earlier steps
 

@@ -6,9 +6,9 @@
 // (sequence, KV head, query tile) and used by every query head of the GQA group and every row of the tile.
 //
 // Contract (pallas_kernels/__init__.py): q [T, Hq, D] (this step's query rows, ragged over sequences),
-// kv_cache [P, PS, 2*Hkv, D] with K and V interleaved on axis 2 (k0, v0, k1, v1, ...) and this step's K/V
-// already written, kv_lens i32[S] (context length including this step), page_indices i32[S, PPS],
-// cu_q_lens i32[S+1], num_seqs i32[1]. Sequence s owns rows cu[s]..cu[s+1]-1, the last q_len positions of
+// k, v [T, Hkv, D] (this step's, written into the cache first, in place), kv_cache [P, PS, 2*Hkv, D] with K
+// and V interleaved on axis 2 (k0, v0, k1, v1, ...), kv_lens i32[S] (context length including this step),
+// page_indices i32[S, PPS], cu_q_lens i32[S+1], num_seqs i32[1]. Sequence s owns rows cu[s]..cu[s+1]-1, the last q_len positions of
 // its kv_len; row r (position pos) sees keys 0..pos (pos-W+1..pos with a sliding window W). Rows at or
 // past cu[num_seqs] are padding: their output is zero.
 //
@@ -48,7 +48,7 @@ struct Item {
 
 struct Job {
   const float* q;        // [T, Hq, D]
-  const float* cache;    // [P, PS, 2*Hkv, D]
+  const float* cache;    // [P, PS, 2*Hkv, D] (this step's K/V written)
   const int32_t* kv_lens;  // [S]
   const int32_t* pages;  // [S, PPS]
   const int32_t* cu;     // [S+1]
@@ -300,28 +300,59 @@ void run_items(Job& j) {
   }
 }
 
-ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
+// Write this step's K/V rows into their slots (K at 2h, V at 2h+1 of the token's row). A row whose slot
+// falls outside the page table or whose table entry is not a page is dropped, as pure JAX's scatter does.
+void write_kv(Job& j, float* cache, const float* k, const float* v, int64_t ns) {
+  const int64_t D = j.D, stride = 2 * j.Hkv * D;
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t lo = j.cu[s], hi = j.cu[s + 1], kv_len = j.kv_lens[s];
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t pos = kv_len - (hi - t);
+      if (pos < 0 || pos / j.PS >= j.PPS) continue;
+      const int64_t pid = j.pages[s * j.PPS + pos / j.PS];
+      if (pid < 0 || pid >= j.P) continue;
+      float* dst = cache + (pid * j.PS + pos % j.PS) * stride;
+      for (int64_t h = 0; h < j.Hkv; ++h) {
+        std::copy_n(k + (t * j.Hkv + h) * D, D, dst + 2 * h * D);
+        std::copy_n(v + (t * j.Hkv + h) * D, D, dst + (2 * h + 1) * D);
+      }
+    }
+  }
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cache_in,
                               ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> pages,
                               ffi::Buffer<ffi::S32> cu, ffi::Buffer<ffi::S32> num_seqs,
-                              ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
-                              int32_t sliding_window, int32_t q_tile) {
-  auto qd = q.dimensions(), cd = cache.dimensions(), pd = pages.dimensions();
-  if (qd.size() != 3 || cd.size() != 4 || pd.size() != 2)
-    return ffi::Error::InvalidArgument("paged_attention: q must be 3-D, kv_cache 4-D, page_indices 2-D");
+                              ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> cache,
+                              float sm_scale, float soft_cap, int32_t sliding_window, int32_t q_tile) {
+  auto qd = q.dimensions(), kd = k.dimensions(), cd = cache->dimensions(), pd = pages.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || cd.size() != 4 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("paged_attention: q, k, v must be 3-D, kv_cache 4-D, page_indices 2-D");
   const int64_t T = qd[0], Hq = qd[1], D = qd[2], S = pd[0];
   const int64_t Hkv = cd[2] / 2;
   if (cd[3] != D || cd[2] % 2 != 0 || Hkv == 0 || Hq % Hkv != 0 || (D != 64 && D != 128 && D != 256) ||
+      kd[0] != T || kd[1] != Hkv || kd[2] != D || v.element_count() != k.element_count() ||
+      cache_in.element_count() != cache->element_count() ||
       (int64_t)kv_lens.element_count() != S || (int64_t)cu.element_count() != S + 1 || q_tile < 1)
     return ffi::Error::InvalidArgument("paged_attention: shapes do not match the ragged paged layout");
   auto job = std::make_shared<Job>();
   Job& j = *job;
-  j.q = q.typed_data(); j.cache = cache.typed_data(); j.kv_lens = kv_lens.typed_data();
+  // The cache is updated in place: XLA aliases cache_in to the cache result (a donated buffer), and copies
+  // it first only where the input is still needed elsewhere.
+  if (cache_in.typed_data() != cache->typed_data())
+    std::copy_n(cache_in.typed_data(), cache_in.element_count(), cache->typed_data());
+  j.q = q.typed_data(); j.cache = cache->typed_data(); j.kv_lens = kv_lens.typed_data();
   j.pages = pages.typed_data(); j.cu = cu.typed_data(); j.out = out->typed_data();
   j.Hq = Hq; j.Hkv = Hkv; j.D = D; j.P = cd[0]; j.PS = cd[1]; j.PPS = pd[1];
   j.scale = sm_scale; j.soft_cap = soft_cap; j.window = sliding_window;
 
   const int64_t ns = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, S);
   const int64_t end = std::clamp<int64_t>(j.cu[ns], 0, T);  // rows from here on are padding
+  for (int64_t s = 0; s < ns; ++s)
+    if (j.cu[s] < 0 || j.cu[s + 1] < j.cu[s] || j.cu[s + 1] > T)
+      return ffi::Error::InvalidArgument("paged_attention: cu_q_lens is not a ragged split of the rows");
+  write_kv(j, cache->typed_data(), k.typed_data(), v.typed_data(), ns);
   std::fill(j.out + end * Hq * D, j.out + T * Hq * D, 0.0f);
   for (int64_t s = 0; s < ns; ++s) {
     const int64_t lo = std::clamp<int64_t>(j.cu[s], 0, end), hi = std::clamp<int64_t>(j.cu[s + 1], lo, end);
@@ -353,12 +384,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AjPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q [T, Hq, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k [T, Hkv, D] (this step's)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v [T, Hkv, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // kv_cache [P, PS, 2*Hkv, D]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // kv_lens [S]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // page_indices [S, PPS]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // cu_q_lens [S+1]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // num_seqs [1]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [T, Hq, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // kv_cache, aliased to the input
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")        // 0: none
                                   .Attr<int32_t>("sliding_window")  // 0: none

@@ -1,7 +1,7 @@
 """Ragged paged attention as a C++ XLA FFI kernel for the CPU (AVX-512), reading K/V pages in place.
 
-`paged_attention(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, ...)` -> out [T, Hq, D] over a
-cache that already holds this step's K/V (pallas_kernels/cpu.py writes them first). `kernel_status()` builds
+`paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, ...)` -> (out [T, Hq, D],
+kv_cache): the ragged_paged_attention contract of pallas_kernels, this step's K/V written in place. `kernel_status()` builds
 and registers the kernel once per process and says whether it can run here; `supports(...)` says whether a
 given call's shapes and dtypes fit it. Why a kernel: see paged_attention.cc.
 """
@@ -61,16 +61,20 @@ def available_or_warn() -> bool:
     return ok
 
 
-def paged_attention(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+def paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
                     sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
                     q_tile: int = Q_TILE):
-    """q [T, Hq, D], kv_cache f32[P, page, 2*Hkv, D] (this step's K/V written) -> out f32[T, Hq, D]
-    (call kernel_status() first). Padding rows (at or past cu_q_lens[num_seqs]) come back zero."""
+    """q [T, Hq, D], k/v [T, Hkv, D], kv_cache f32[P, page, 2*Hkv, D] -> (out f32[T, Hq, D], kv_cache with
+    this step's K/V written), the pallas_kernels contract (call kernel_status() first). The cache is updated
+    in place (aliased; donate it, or XLA copies it first). Padding rows come back zero."""
     import jax
     import jax.numpy as jnp
 
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q.astype(jnp.float32), kv_cache, kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32),
-        cu_q_lens.astype(jnp.int32), num_seqs.astype(jnp.int32),
+    f32 = jnp.float32
+    return jax.ffi.ffi_call(
+        TARGET, (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype)),
+        input_output_aliases={3: 1})(
+        q.astype(f32), k.astype(f32), v.astype(f32), kv_cache, kv_lens.astype(jnp.int32),
+        page_indices.astype(jnp.int32), cu_q_lens.astype(jnp.int32), num_seqs.astype(jnp.int32),
         sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
         sliding_window=np.int32(sliding_window or 0), q_tile=np.int32(q_tile))
