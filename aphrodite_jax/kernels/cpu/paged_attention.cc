@@ -12,8 +12,9 @@
 // its kv_len; row r (position pos) sees keys 0..pos (pos-W+1..pos with a sliding window W). Rows at or
 // past cu[num_seqs] are padding: their output is zero.
 //
-// Work item: (sequence, query tile of up to q_tile rows, KV head). Its query vectors are the tile's rows x
-// the G query heads of that KV head (nq = rows * G), attended with an online (flash) softmax over key
+// Work item: (sequence, query tile of up to q_tile rows), all KV heads, so each key block's token rows are
+// read once and in order. Per KV head its query vectors are the tile's rows x the G query heads of that KV
+// head (nq = rows * G), attended with an online (flash) softmax over key
 // blocks of up to 16 keys (one zmm of scores) that never cross a page. Scores: with few query vectors
 // (decode) each key's dot product is an FMA chain and 16 of them are summed horizontally by one
 // transpose-add tree; with many (prefill tiles) the block's K is transposed once by gathers to [D, 16] and
@@ -42,7 +43,7 @@ constexpr int kDotPathMaxNq = 8;   // up to this many query vectors: dot + horiz
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Item {
-  int32_t seq, r0, r1, head;  // rows r0..r1-1 of sequence seq (relative to its first row), KV head
+  int32_t seq, r0, r1;  // rows r0..r1-1 of sequence seq (relative to its first row), all KV heads
   int64_t cost;               // rows x keys visited, for largest-first ordering
 };
 
@@ -104,13 +105,13 @@ inline __m512 hsum16(const __m512* v) {
 }
 
 // Per-thread scratch for one item (reused across items; sized on first use).
-struct Scratch {
-  std::vector<float> qb;   // [nq, D] scaled query vectors, m = row * G + g
-  std::vector<float> acc;  // [nq, D] unnormalised outputs
-  std::vector<float> s;    // [nq, 16] scores, then probabilities of the current key block
-  std::vector<float> lv;   // [nq, 16] per-lane partial softmax denominators
-  std::vector<float> mx;   // [nq] running max
-  std::vector<float> corr; // [nq] rescale of acc for the current block
+struct Scratch {  // per KV head h, at offset h * nq (x D or x 16):
+  std::vector<float> qb;   // [H, nq, D] scaled query vectors, m = row * G + g
+  std::vector<float> acc;  // [H, nq, D] unnormalised outputs
+  std::vector<float> s;    // [H, nq, 16] scores, then probabilities of the current key block
+  std::vector<float> lv;   // [H, nq, 16] per-lane partial softmax denominators
+  std::vector<float> mx;   // [H, nq] running max
+  std::vector<float> corr; // [H, nq] rescale of acc for the current block
   std::vector<float> kt;   // [D, 16] the block's K transposed (gather path)
 };
 
@@ -181,43 +182,92 @@ void pv_block(float* acc, const float* p, const float* corr, int m0, const float
     for (int c2 = 0; c2 < ND; ++c2) _mm512_storeu_ps(acc + (m0 + b) * D + 16 * c2, a[b][c2]);
 }
 
-// Prefetch the K/V rows of the block starting at key k0 (the next page is anywhere in the cache, so the
-// hardware prefetcher cannot guess it; decode is bound by these reads).
-inline void prefetch_block(const Job& j, const int32_t* table, int64_t k0, int64_t kend, int64_t stride,
-                           int64_t head_off, int64_t D) {
+// Prefetch the token rows (all KV heads) of the block starting at key k0: the next page is anywhere in the
+// cache, so the hardware prefetcher cannot guess it, and decode is bound by these reads.
+inline void prefetch_block(const Job& j, const int32_t* table, int64_t k0, int64_t kend, int64_t stride) {
   if (k0 >= kend) return;
   const int64_t page = k0 / j.PS, in_page = k0 - page * j.PS;
   const int64_t pid = table[page];
   if (pid < 0 || pid >= j.P) return;
   const int64_t n = std::min<int64_t>({KB, j.PS - in_page, kend - k0});
-  const char* base = (const char*)(j.cache + (pid * j.PS + in_page) * stride + head_off);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t b = 0; b < 2 * D * 4; b += 64) _mm_prefetch(base + i * stride * 4 + b, _MM_HINT_T0);
+  const char* base = (const char*)(j.cache + (pid * j.PS + in_page) * stride);
+  for (int64_t b = 0; b < n * stride * 4; b += 64) _mm_prefetch(base + b, _MM_HINT_T0);
 }
 
+// One KV head's part of a key block: scores, online-softmax update and P.V for its nq query vectors
+// (qb, acc [nq, D]; s, lv [nq, 16]; mx, corr [nq]); rows r0.. of the tile start at position pos0.
+template <int ND>
+void attend_block(const Job& j, int nq, int64_t G, int64_t pos0, int64_t k0, int n, const float* kbase,
+                  int64_t stride, float* qb, float* acc, float* s, float* lv, float* mx, float* corr, float* kt) {
+  constexpr int MB = ND <= 4 ? 4 : ND <= 8 ? 2 : 1;  // MB * ND accumulators stay within the 32 zmm
+  const float* vbase = kbase + 16 * ND;
+  if (nq <= kDotPathMaxNq) scores_dot<ND>(qb, nq, kbase, stride, n, s);
+  else scores_kt<ND>(qb, nq, kbase, stride, n, kt, s);
+
+  // Online softmax over this block; s becomes p (zero where masked), corr rescales acc.
+  for (int m = 0; m < nq; ++m) {
+    const int64_t pos = pos0 + m / G;
+    const int64_t hi = std::min<int64_t>(n, pos - k0 + 1);  // keys i < hi are at or before pos
+    uint32_t bits = hi <= 0 ? 0u : hi >= KB ? 0xFFFFu : ((1u << hi) - 1u);
+    if (j.window > 0) {
+      const int64_t lo = pos - j.window + 1 - k0;  // keys i >= lo are inside the window
+      if (lo >= KB) bits = 0;
+      else if (lo > 0) bits &= ~((1u << lo) - 1u);
+    }
+    float* sm = s + m * KB;
+    if (bits == 0) {
+      _mm512_storeu_ps(sm, _mm512_setzero_ps());
+      corr[m] = 1.0f;
+      continue;
+    }
+    const __mmask16 mask = (__mmask16)bits;
+    __m512 sv = _mm512_loadu_ps(sm);
+    if (j.soft_cap > 0.0f) sv = soft_cap512(sv, j.soft_cap);
+    const float bmax = _mm512_mask_reduce_max_ps(mask, sv);
+    const float mold = mx[m], mnew = std::max(mold, bmax);
+    const float c = mold == kNegInf ? 0.0f : std::exp(mold - mnew);
+    const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mnew))));
+    _mm512_storeu_ps(sm, p);
+    float* lm = lv + m * KB;
+    _mm512_storeu_ps(lm, _mm512_fmadd_ps(_mm512_loadu_ps(lm), _mm512_set1_ps(c), p));
+    mx[m] = mnew;
+    corr[m] = c;
+  }
+  int m = 0;
+  for (; m + MB <= nq; m += MB) pv_block<ND, MB>(acc, s, corr, m, vbase, stride, n);
+  switch (nq - m) {  // the rest together, so V is loaded once per key (decode: nq = G)
+    case 3: if constexpr (MB > 3) pv_block<ND, 3>(acc, s, corr, m, vbase, stride, n); break;
+    case 2: if constexpr (MB > 2) pv_block<ND, 2>(acc, s, corr, m, vbase, stride, n); break;
+    case 1: pv_block<ND, 1>(acc, s, corr, m, vbase, stride, n); break;
+    default: break;
+  }
+}
+
+// One work item: rows r0..r1-1 of a sequence, every KV head, one pass over the key blocks (each block's
+// token rows, all heads, are contiguous in the page: read once, in order).
 template <int ND>
 void attend(const Job& j, const Item& it, Scratch& sc) {
   constexpr int D = 16 * ND;
-  constexpr int MB = ND <= 4 ? 4 : ND <= 8 ? 2 : 1;  // MB * ND accumulators stay within the 32 zmm
-  const int64_t G = j.Hq / j.Hkv;
+  const int64_t G = j.Hq / j.Hkv, H = j.Hkv;
   const int rows = it.r1 - it.r0;
-  const int nq = rows * (int)G;
+  const int nq = rows * (int)G;  // query vectors per KV head, m = r * G + g
   const int64_t row0 = j.cu[it.seq] + it.r0;  // first query row of the tile in q/out
   const int64_t q_len = j.cu[it.seq + 1] - j.cu[it.seq];
   const int64_t prev = std::max<int64_t>(0, j.kv_lens[it.seq] - q_len);  // keys cached by earlier steps
   const int64_t kend = std::min<int64_t>(prev + it.r1, j.PPS * j.PS);   // keys 0..kend-1 can be visible
   const int64_t kstart = j.window > 0 ? std::max<int64_t>(0, prev + it.r0 - j.window + 1) : 0;
-  const int64_t stride = 2 * j.Hkv * D;  // floats between consecutive tokens of a page
+  const int64_t stride = 2 * H * D;  // floats between consecutive tokens of a page
 
-  sc.qb.resize((size_t)nq * D); sc.acc.assign((size_t)nq * D, 0.0f);
-  sc.s.resize((size_t)nq * KB); sc.lv.assign((size_t)nq * KB, 0.0f);
-  sc.mx.assign(nq, kNegInf); sc.corr.resize(nq); sc.kt.resize((size_t)D * KB);
+  // Per head h: qb, acc [H, nq, D]; s, lv [H, nq, 16]; mx, corr [H, nq].
+  sc.qb.resize((size_t)H * nq * D); sc.acc.assign((size_t)H * nq * D, 0.0f);
+  sc.s.resize((size_t)H * nq * KB); sc.lv.assign((size_t)H * nq * KB, 0.0f);
+  sc.mx.assign((size_t)H * nq, kNegInf); sc.corr.resize((size_t)H * nq); sc.kt.resize((size_t)D * KB);
   const __m512 scale = _mm512_set1_ps(j.scale);
   for (int r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const float* src = j.q + ((row0 + r) * j.Hq + it.head * G + g) * D;
-      for (int c = 0; c < ND; ++c)
-        _mm512_storeu_ps(&sc.qb[(r * G + g) * D + 16 * c], _mm512_mul_ps(_mm512_loadu_ps(src + 16 * c), scale));
+    for (int64_t hq = 0; hq < j.Hq; ++hq) {  // hq = h * G + g
+      const float* src = j.q + ((row0 + r) * j.Hq + hq) * D;
+      float* dst = &sc.qb[((hq / G) * nq + r * G + hq % G) * D];
+      for (int c = 0; c < ND; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(src + 16 * c), scale));
     }
 
   const int32_t* table = j.pages + (int64_t)it.seq * j.PPS;
@@ -226,61 +276,22 @@ void attend(const Job& j, const Item& it, Scratch& sc) {
     const int n = (int)std::min<int64_t>({KB, j.PS - in_page, kend - k0});
     const int64_t pid = table[page];
     if (pid < 0 || pid >= j.P) { k0 += n; continue; }  // a bad table entry: skip rather than read wild
-    const float* kbase = j.cache + (pid * j.PS + in_page) * stride + 2 * it.head * D;
-    const float* vbase = kbase + D;
-    prefetch_block(j, table, k0 + n, kend, stride, it.head * 2 * D, D);
-    if (nq <= kDotPathMaxNq) scores_dot<ND>(sc.qb.data(), nq, kbase, stride, n, sc.s.data());
-    else scores_kt<ND>(sc.qb.data(), nq, kbase, stride, n, sc.kt.data(), sc.s.data());
-
-    // Online softmax over this block; s becomes p (zero where masked), corr rescales acc.
-    for (int m = 0; m < nq; ++m) {
-      const int64_t pos = prev + it.r0 + m / G;
-      int64_t hi = std::min<int64_t>(n, pos - k0 + 1);  // keys i < hi are at or before pos
-      uint32_t bits = hi <= 0 ? 0u : hi >= KB ? 0xFFFFu : ((1u << hi) - 1u);
-      if (j.window > 0) {
-        const int64_t lo = pos - j.window + 1 - k0;  // keys i >= lo are inside the window
-        if (lo >= KB) bits = 0;
-        else if (lo > 0) bits &= ~((1u << lo) - 1u);
-      }
-      float* sm = sc.s.data() + m * KB;
-      if (bits == 0) {
-        _mm512_storeu_ps(sm, _mm512_setzero_ps());
-        sc.corr[m] = 1.0f;
-        continue;
-      }
-      const __mmask16 mask = (__mmask16)bits;
-      __m512 s = _mm512_loadu_ps(sm);
-      if (j.soft_cap > 0.0f) s = soft_cap512(s, j.soft_cap);
-      const float bmax = _mm512_mask_reduce_max_ps(mask, s);
-      const float mold = sc.mx[m], mnew = std::max(mold, bmax);
-      const float corr = mold == kNegInf ? 0.0f : std::exp(mold - mnew);
-      const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
-      _mm512_storeu_ps(sm, p);
-      float* lm = sc.lv.data() + m * KB;
-      _mm512_storeu_ps(lm, _mm512_fmadd_ps(_mm512_loadu_ps(lm), _mm512_set1_ps(corr), p));
-      sc.mx[m] = mnew;
-      sc.corr[m] = corr;
-    }
-    int m = 0;
-    float *acc = sc.acc.data(), *p = sc.s.data(), *corr = sc.corr.data();
-    for (; m + MB <= nq; m += MB) pv_block<ND, MB>(acc, p, corr, m, vbase, stride, n);
-    switch (nq - m) {  // the rest together, so V is loaded once per key (decode: nq = G)
-      case 3: if constexpr (MB > 3) pv_block<ND, 3>(acc, p, corr, m, vbase, stride, n); break;
-      case 2: if constexpr (MB > 2) pv_block<ND, 2>(acc, p, corr, m, vbase, stride, n); break;
-      case 1: pv_block<ND, 1>(acc, p, corr, m, vbase, stride, n); break;
-      default: break;
-    }
+    prefetch_block(j, table, k0 + n, kend, stride);
+    const float* tok = j.cache + (pid * j.PS + in_page) * stride;
+    for (int64_t h = 0; h < H; ++h)
+      attend_block<ND>(j, nq, G, prev + it.r0, k0, n, tok + 2 * h * D, stride, &sc.qb[h * nq * D],
+                       &sc.acc[h * nq * D], &sc.s[h * nq * KB], &sc.lv[h * nq * KB], &sc.mx[h * nq],
+                       &sc.corr[h * nq], sc.kt.data());
     k0 += n;
   }
 
   for (int r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const int m = r * (int)G + (int)g;
-      const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(sc.lv.data() + m * KB));
+    for (int64_t hq = 0; hq < j.Hq; ++hq) {
+      const int64_t i = (hq / G) * nq + r * G + hq % G;
+      const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(&sc.lv[i * KB]));
       const __m512 inv = _mm512_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
-      float* dst = j.out + ((row0 + r) * j.Hq + it.head * G + g) * D;
-      for (int c = 0; c < ND; ++c)
-        _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(&sc.acc[m * D + 16 * c]), inv));
+      float* dst = j.out + ((row0 + r) * j.Hq + hq) * D;
+      for (int c = 0; c < ND; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(&sc.acc[i * D + 16 * c]), inv));
     }
 }
 
@@ -360,8 +371,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     for (int64_t r0 = 0; r0 < hi - lo; r0 += q_tile) {
       const int64_t r1 = std::min<int64_t>(r0 + q_tile, hi - lo);
       const int64_t keys = sliding_window > 0 ? std::min<int64_t>(prev + r1, sliding_window + r1 - r0) : prev + r1;
-      for (int64_t h = 0; h < Hkv; ++h)
-        j.items.push_back({(int32_t)s, (int32_t)r0, (int32_t)r1, (int32_t)h, (r1 - r0 + 8) * keys});
+      j.items.push_back({(int32_t)s, (int32_t)r0, (int32_t)r1, (r1 - r0 + 8) * keys});
     }
   }
   if (j.items.empty()) return ffi::Error::Success();
