@@ -5,6 +5,7 @@ sits behind this one module.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -19,7 +20,14 @@ from aphrodite_jax.runner.exec_cache import NO_CACHE, CompileJob, ExecutableCach
 from aphrodite_jax.runner.model_runner import ModelRunner
 from aphrodite_jax.sampling.metadata import SamplingRow, make_sampling_metadata
 from aphrodite_jax.sampling.registry import verify_params
+from aphrodite_jax.runner.packing import Packed, pack, unpack
 from aphrodite_jax.sampling.sampler import sample
+
+
+@functools.partial(jax.jit, static_argnames=("max_num_logprobs", "all_greedy"))
+def sample_packed(logits: jax.Array, md: Packed, *, max_num_logprobs: int = 0, all_greedy: bool = False):
+    """`sample` on metadata that arrived as one packed buffer."""
+    return sample(logits, unpack(md), max_num_logprobs=max_num_logprobs, all_greedy=all_greedy)
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +80,8 @@ class DeviceSampler:
         self._warm = False
 
     @staticmethod
-    def _key(logits, md, all_greedy: bool, k: int) -> tuple:
-        return (logits.shape[0], all_greedy, k, jax.tree.map(lambda x: x.shape, md).__repr__())
+    def _key(logits, md: Packed, all_greedy: bool, k: int) -> tuple:
+        return (logits.shape[0], all_greedy, k, md.layout)
 
     def _fn(self, logits, md, all_greedy: bool, k: int):
         key = self._key(logits, md, all_greedy, k)
@@ -81,17 +89,18 @@ class DeviceSampler:
         if fn is None:
             if self._warm:
                 logger.warning("compiling a sampler variant after warm-up: %s", key[:3])
-            fn = compile_one(self.runner.exec_cache, sample, "sample", (logits, md),
+            fn = compile_one(self.runner.exec_cache, sample_packed, "sample", (logits, md),
                              {"max_num_logprobs": k, "all_greedy": all_greedy})
             self._compiled[key] = fn
         return fn
 
-    def metadata(self, rows: Sequence[SamplingRow], batch_bucket: int):
-        """Host arrays for one step's draws, padded to the sample bucket."""
-        return make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids,
-                                      bias_width=self.BIAS_WIDTH, allowed_width=self.BIAS_WIDTH,
-                                      dry_width=self.DRY_WIDTH,
-                                      history_width=self.runner.max_model_len)
+    def metadata(self, rows: Sequence[SamplingRow], batch_bucket: int) -> Packed:
+        """Host arrays for one step's draws, padded to the sample bucket, packed into one buffer (one
+        transfer instead of one per leaf: runner/packing.py)."""
+        return pack(make_sampling_metadata(rows, batch_bucket, self.vocab_size, eos_token_ids=self.eos_token_ids,
+                                           bias_width=self.BIAS_WIDTH, allowed_width=self.BIAS_WIDTH,
+                                           dry_width=self.DRY_WIDTH,
+                                           history_width=self.runner.max_model_len))
 
     @staticmethod
     def verify(params: Any) -> None:
@@ -120,7 +129,7 @@ class DeviceSampler:
                         x.shape, x.dtype, sharding=self.runner._replicated()), md)
                     key = self._key(logits, md, greedy, k)
                     if key not in self._compiled and key not in {j.key for j in jobs}:
-                        jobs.append(CompileJob(self._compiled, key, "sample", sample, (logits, md),
+                        jobs.append(CompileJob(self._compiled, key, "sample", sample_packed, (logits, md),
                                                {"max_num_logprobs": k, "all_greedy": greedy}))
         return jobs
 
