@@ -344,7 +344,17 @@ def test_fast_argmax_matches_argmax_with_ties_and_masks():
     x[2] = -np.inf  # every token banned
     x[3, :] = np.float32(-1.0)
     x[4, 49151] = 50.0  # the last id
+    x[5, [127, 128]] = 7.0  # a tie across the block edge (blocks of 128)
     np.testing.assert_array_equal(np.asarray(jax.jit(fast_argmax)(x)), np.argmax(x, axis=-1))
+    # A vocabulary off the block grid (padded with -inf), and a NaN row: some id in range (the CPU max
+    # reduce may skip NaNs, so which one is the backend's).
+    y = np.random.default_rng(4).normal(size=(4, 1000)).astype(np.float32)
+    y[1, 999] = 9.0
+    y[2] = -np.inf
+    y[3, 17] = np.nan
+    got = np.asarray(jax.jit(fast_argmax)(y))
+    np.testing.assert_array_equal(got[:3], np.argmax(y[:3], axis=-1))
+    assert 0 <= got[3] < 1000
 
 
 def test_greedy_fast_path_logprob_and_rank_vs_full_path():
