@@ -42,8 +42,10 @@ class Int8Weight(nnx.Module):
         k, n = w.shape
         self.mode, self.k, self.n = mode, int(k), int(n)
         q, d, m = kern.quantize_blocks(w)  # u8 [Kp, N], f32 [nb, N] x2
+        self.w4 = mode == "cpu_kernel" and kern.on_4bit_grid(q)  # a Q4_1 GGUF: half the bytes, same numbers
         if mode == "cpu_kernel":
-            packed, dm = kern.pack_blocks(q, d, m)  # u8 [Np, Kp], f32 [Np/16 * nb * 2 * 16]
+            pack = kern.pack_blocks4 if self.w4 else kern.pack_blocks
+            packed, dm = pack(q, d, m)  # u8 [Np, Kp] (4-bit: [Np, Kp/2]), f32 [Np/16 * nb * 2 * 16]
             self.q = QuantArray(jax.device_put(packed))
             self.dm = QuantArray(jax.device_put(dm))
         else:
@@ -55,7 +57,7 @@ class Int8Weight(nnx.Module):
         out_dtype = out_dtype or x.dtype
         x2 = x.reshape(-1, self.k)  # [M, K]
         if self.mode == "cpu_kernel":
-            y = kern.int8_matmul(x2, self.q[...], self.dm[...], self.n)  # f32[M, N]
+            y = kern.int8_matmul(x2, self.q[...], self.dm[...], self.n, w4=self.w4)  # f32[M, N]
         else:
             dm = self.dm[...].astype(x2.dtype)  # [2, nb, N]
             nb = dm.shape[1]
@@ -98,5 +100,7 @@ def quantize_model(model, method: str, mode: Optional[str] = None) -> Optional[s
     if getattr(model, "lm_head", "absent") is None and isinstance(getattr(model, "embed", None), Embedding):
         model.embed.quantize_head_int8(mode)  # tied embedding: only its attend (the LM head) goes int8
         count += 1
-    logger.info("Quantized %d weight matrices to int8 (%s) in %.1f s", count, mode, time.perf_counter() - t0)
+    w4 = sum(bool(getattr(node, "w4", False)) for _, node in nnx.iter_graph(model) if isinstance(node, Int8Weight))
+    logger.info("Quantized %d weight matrices to int8 (%s; %d of them on the 4-bit grid, stored as nibbles) in "
+                "%.1f s", count, mode, w4, time.perf_counter() - t0)
     return mode

@@ -60,16 +60,23 @@ def test_kernel_zero_rows_and_blocks():
     np.testing.assert_allclose(y, x @ w, rtol=1e-6, atol=1e-6)
 
 
-def test_q4_1_blocks_are_exact():
-    """A GGUF Q4_1 block (w = d4 * i + m4, i in 0..15) lands on the 8-bit grid exactly (q = 17 i)."""
-    rng = np.random.default_rng(1)
-    k, n = 96, 40
-    i = rng.integers(0, 16, size=(k, n))
+def _q4_1(k, n, seed=1):
+    """Weights as a GGUF Q4_1 tensor dequantizes to: w = d4 * i + m4 per block of 32, i in 0..15 -> (w, i)."""
+    rng = np.random.default_rng(seed)
+    kp = -(-k // 32) * 32
+    i = rng.integers(0, 16, size=(kp, n))
     i[0::32] = 0
     i[1::32] = 15  # every block spans the full 4-bit range, as Q4_1's min/max do
-    d4 = rng.uniform(1e-3, 1e-2, size=(k // 32, 1, n)).astype(np.float32)
-    m4 = rng.uniform(-0.1, 0.0, size=(k // 32, 1, n)).astype(np.float32)
-    w = (d4 * i.reshape(k // 32, 32, n).astype(np.float32) + m4).reshape(k, n)
+    d4 = rng.uniform(1e-3, 1e-2, size=(kp // 32, 1, n)).astype(np.float32)
+    m4 = rng.uniform(-0.1, 0.0, size=(kp // 32, 1, n)).astype(np.float32)
+    w = (d4 * i.reshape(kp // 32, 32, n).astype(np.float32) + m4).reshape(kp, n)
+    return w[:k], i[:k]
+
+
+def test_q4_1_blocks_are_exact():
+    """A GGUF Q4_1 block (w = d4 * i + m4, i in 0..15) lands on the 8-bit grid exactly (q = 17 i)."""
+    k, n = 96, 40
+    w, i = _q4_1(k, n)
     q, d, mn = K.quantize_blocks(w)
     np.testing.assert_array_equal(q.astype(int), 17 * i)
     np.testing.assert_allclose(K.dequantize_blocks(q, d, mn, k), w, rtol=0, atol=2e-7)
@@ -88,6 +95,42 @@ def test_pack_layout():
     assert dmv[2, 1, 0, 7] == d[1, 39] and dmv[2, 1, 1, 7] == d[1, 39] + 1
 
 
+# 4-bit packing: batch 1/4/32, a prefill tile, the model's shapes, K and N off the grid, N = 1.
+SHAPES4 = [(1, 576, 960), (4, 576, 3072), (32, 1536, 576), (130, 576, 960), (1, 576, 49152), (3, 64, 17),
+           (2, 32, 1), (9, 1536, 40)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", SHAPES4)
+@pytest.mark.parametrize("residual", [True, False])
+def test_kernel_4bit_matches_numpy_model(m, k, n, residual):
+    """Weights on the 4-bit grid (Q4_1) packed as nibbles give the 8-bit path's numbers."""
+    w, _ = _q4_1(k, n, seed=m + k + n)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    q, d, mn = K.quantize_blocks(w)
+    assert K.on_4bit_grid(q)
+    packed, dm = K.pack_blocks4(q, d, mn)
+    assert packed.shape[1] == q.shape[0] // 2
+    y = np.asarray(jax.jit(lambda a, b, c: K.int8_matmul(a, b, c, n, residual, w4=True))(x, packed, dm))
+    ref = K.reference_int8_matmul(x, q, d, mn, residual)
+    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(w).max()
+    np.testing.assert_allclose(y, ref, rtol=0, atol=float(scale.max()) * 2e-6)
+
+
+def test_pack4_layout():
+    """Byte (g, s, j, r) of the 4-bit packing holds i[8 s + r, 16 g + j] low and i[8 s + 4 + r, 16 g + j] high."""
+    rng = np.random.default_rng(5)
+    i = rng.integers(0, 16, size=(64, 40))
+    d = rng.random((2, 40)).astype(np.float32)
+    packed, dm = K.pack_blocks4((17 * i).astype(np.uint8), d, d + 1)
+    u = packed.reshape(3, 8, 16, 4)  # [Np/16, Kp/8, 16, 4] with Np = 48
+    assert u[1, 5, 3, 2] == i[8 * 5 + 2, 16 + 3] | (i[8 * 5 + 4 + 2, 16 + 3] << 4)
+    assert (u[2, :, 8:] == 0).all()  # padded outputs
+    dmv = dm.reshape(3, 2, 2, 16)
+    np.testing.assert_allclose(dmv[2, 1, 0, 7], 17 * d[1, 39], rtol=1e-7)
+    assert not K.on_4bit_grid(np.array([[17, 18]], np.uint8))
+
+
 @pytest.mark.parametrize("mode", ["xla"] + (["cpu_kernel"] if AVAILABLE else []))
 def test_int8_weight_module(mode):
     """The layer interface: leading dims kept, weight-only (xla) equals x @ dequantized W."""
@@ -100,4 +143,16 @@ def test_int8_weight_module(mode):
     if mode == "xla":
         np.testing.assert_allclose(y.reshape(6, 24), x @ K.dequantize_blocks(q, d, mn, 80), rtol=1e-5, atol=1e-4)
     else:
+        assert not lw.w4  # generic weights: 8-bit
         np.testing.assert_allclose(y.reshape(6, 24), K.reference_int8_matmul(x, q, d, mn), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_int8_weight_module_picks_4bit_for_q4_1():
+    w, _ = _q4_1(96, 40)
+    lw = Int8Weight(w, "cpu_kernel")
+    assert lw.w4 and lw.q[...].shape == (48, 48)  # [Np, Kp / 2]
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    q, d, mn = K.quantize_blocks(w)
+    y = np.asarray(jax.jit(lambda a: lw(a))(jnp.asarray(x)))
+    np.testing.assert_allclose(y, K.reference_int8_matmul(x, q, d, mn), rtol=1e-5, atol=1e-4)

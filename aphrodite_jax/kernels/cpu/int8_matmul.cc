@@ -14,6 +14,11 @@
 // and QB). One 64-byte load holds 4 consecutive k of 16 outputs, so a broadcast of 4 activation bytes feeds
 // 16 dot products at once (no horizontal sums). dm: f32 [Np/16, Kp/QB, 2, 16] (d then m of 16 outputs).
 //
+// 4-bit weights (attribute `w4`): where every block of a matrix is on the 16-level grid (q = 17 i, as a
+// GGUF Q4_1 block is), the packed bytes hold two k4 steps, i of k4 = 2 s in the low nibble and of 2 s + 1 in
+// the high one ([Np/16, Kp/8, 16, 4] bytes), with d scaled by 17: the same products, half the weight bytes.
+// At decode the step streams every weight from memory, so the bytes are what it waits on.
+//
 // Threads: XLA's intra-op pool (ffi::ThreadPool). The work is split into chunks of output tiles taken
 // from an atomic counter; the calling thread takes chunks too, so it never waits on a task that has not
 // started, and a task that starts late finds no chunk and only drops its reference to the shared state.
@@ -48,6 +53,7 @@ struct Job {
   float* xm;             // [M, nb] sx * sum(xq) per block (the offsets' factor)
   float* y;              // [M, N]
   int64_t M, K, N, Kp, nb;  // nb = Kp / QB
+  bool w4;               // 4-bit weights: two k4 steps per 64-byte load (see the top)
   int64_t tiles;         // output tiles of 32 columns (the last may be 16 or fewer)
   int64_t tiles_per_chunk, chunks;
   int64_t rows_per_qchunk, qchunks;  // phase 1: the activation quantization, by rows
@@ -75,9 +81,10 @@ inline void wait_until(Pred done) {
 
 // MT tokens x G groups of 16 outputs, starting at output group g0 and token m0. R: residual mode, the
 // activation is q + q2 / 254 in units of the block scale (two s8 planes, two vpdpbusd per weight load).
-template <int MT, int G, bool R>
+// W4: 4-bit weights, one load holds the weights of two k4 steps (low and high nibbles).
+template <int MT, int G, bool R, bool W4>
 inline void micro(const Job& j, int64_t g0, int64_t m0) {
-  const int64_t group_bytes = j.Kp * 16;
+  const int64_t group_bytes = W4 ? j.Kp * 8 : j.Kp * 16;
   const uint8_t* wg[G];
   for (int g = 0; g < G; ++g) wg[g] = j.w + (g0 + g) * group_bytes;
   __m512 facc[MT][G];
@@ -91,15 +98,13 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
   }
   const float* dmg[G];
   for (int g = 0; g < G; ++g) dmg[g] = j.dm + (g0 + g) * j.nb * 32;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < j.nb; ++b) {
     __m512i iacc[MT][G], iacc2[MT][G];
     for (int t = 0; t < MT; ++t)
       for (int g = 0; g < G; ++g) iacc[t][g] = iacc2[t][g] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int kk = 0; kk < QB / 4; ++kk) {
-      const int64_t k4 = b * (QB / 4) + kk;
-      __m512i wv[G];
-      for (int g = 0; g < G; ++g) wv[g] = _mm512_loadu_si512(wg[g] + k4 * 64);
+    // One k4 step: 4 inputs of 16 outputs per group against MT tokens' 4 activation bytes.
+    auto step = [&](int64_t k4, const __m512i* wv) __attribute__((always_inline)) {
       for (int t = 0; t < MT; ++t) {
         int32_t xi;
         std::memcpy(&xi, xrow[t] + k4 * 4, 4);
@@ -110,6 +115,28 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
           __m512i xb2 = _mm512_set1_epi32(xi);
           for (int g = 0; g < G; ++g) iacc2[t][g] = _mm512_dpbusd_epi32(iacc2[t][g], wv[g], xb2);
         }
+      }
+    };
+    if (W4) {
+#pragma GCC unroll 4
+      for (int kk = 0; kk < QB / 8; ++kk) {
+        const int64_t k8 = b * (QB / 8) + kk;  // two k4 steps: 2 k8 and 2 k8 + 1
+        __m512i lo[G], hi[G];
+        for (int g = 0; g < G; ++g) {
+          const __m512i v = _mm512_loadu_si512(wg[g] + k8 * 64);
+          lo[g] = _mm512_and_si512(v, nib);
+          hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
+        step(2 * k8, lo);
+        step(2 * k8 + 1, hi);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int kk = 0; kk < QB / 4; ++kk) {
+        const int64_t k4 = b * (QB / 4) + kk;
+        __m512i wv[G];
+        for (int g = 0; g < G; ++g) wv[g] = _mm512_loadu_si512(wg[g] + k4 * 64);
+        step(k4, wv);
       }
     }
     __m512 d[G], m[G];
@@ -137,20 +164,20 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
   }
 }
 
-template <int G, bool R>
+template <int G, bool R, bool W4>
 void tile(const Job& j, int64_t g0) {
   int64_t m = 0;
   if (R) {  // twice the accumulators: 4 tokens x 2 groups x 2 planes is 16 of the 32 zmm registers
-    for (; m + 4 <= j.M; m += 4) micro<4, G, R>(j, g0, m);
-    for (; m + 2 <= j.M; m += 2) micro<2, G, R>(j, g0, m);
-    if (m < j.M) micro<1, G, R>(j, g0, m);
+    for (; m + 4 <= j.M; m += 4) micro<4, G, R, W4>(j, g0, m);
+    for (; m + 2 <= j.M; m += 2) micro<2, G, R, W4>(j, g0, m);
+    if (m < j.M) micro<1, G, R, W4>(j, g0, m);
     return;
   }
-  for (; m + 4 <= j.M; m += 4) micro<4, G, R>(j, g0, m);
+  for (; m + 4 <= j.M; m += 4) micro<4, G, R, W4>(j, g0, m);
   switch (j.M - m) {
-    case 3: micro<3, G, R>(j, g0, m); break;
-    case 2: micro<2, G, R>(j, g0, m); break;
-    case 1: micro<1, G, R>(j, g0, m); break;
+    case 3: micro<3, G, R, W4>(j, g0, m); break;
+    case 2: micro<2, G, R, W4>(j, g0, m); break;
+    case 1: micro<1, G, R, W4>(j, g0, m); break;
     default: break;
   }
 }
@@ -164,8 +191,14 @@ void run_chunks(Job& j) {
     for (int64_t t = c * j.tiles_per_chunk; t < t_end; ++t) {
       const int64_t g0 = t * 2;
       const bool two = g0 + 2 <= groups;
-      if (j.xq2 != nullptr) two ? tile<2, true>(j, g0) : tile<1, true>(j, g0);
-      else two ? tile<2, false>(j, g0) : tile<1, false>(j, g0);
+      const bool r = j.xq2 != nullptr;
+      if (j.w4) {
+        if (r) two ? tile<2, true, true>(j, g0) : tile<1, true, true>(j, g0);
+        else two ? tile<2, false, true>(j, g0) : tile<1, false, true>(j, g0);
+      } else {
+        if (r) two ? tile<2, true, false>(j, g0) : tile<1, true, false>(j, g0);
+        else two ? tile<2, false, false>(j, g0) : tile<1, false, false>(j, g0);
+      }
     }
     j.done.fetch_add(1, std::memory_order_release);
   }
@@ -233,11 +266,12 @@ void run_job(Job& j) {
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                          ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> y, int32_t residual) {
+                          ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> y, int32_t residual,
+                          int32_t w4) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("int8_matmul: x, w and y must be 2-D");
-  const int64_t M = xd[0], K = xd[1], Np = wd[0], Kp = wd[1], N = yd[1];
+  const int64_t M = xd[0], K = xd[1], Np = wd[0], Kp = w4 ? 2 * wd[1] : wd[1], N = yd[1];
   if (yd[0] != M || Kp % QB != 0 || Np % 16 != 0 || K > Kp || N > Np || dm.element_count() != (size_t)(Np * (Kp / QB) * 2))
     return ffi::Error::InvalidArgument("int8_matmul: shapes do not match the packed weight layout");
   if (M == 0 || N == 0) return ffi::Error::Success();
@@ -248,7 +282,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if ((int64_t)scratch.s.size() < M * nb) { scratch.s.resize(M * nb); scratch.m.resize(M * nb); }
   auto job = std::make_shared<Job>();
   Job& j = *job;
-  j.M = M; j.K = K; j.N = N; j.Kp = Kp; j.nb = nb;
+  j.M = M; j.K = K; j.N = N; j.Kp = Kp; j.nb = nb; j.w4 = w4 != 0;
   j.x = x.typed_data(); j.w = w.typed_data(); j.dm = dm.typed_data(); j.y = y->typed_data();
   j.xq = scratch.q.data(); j.xq2 = residual ? scratch.q2.data() : nullptr;
   j.xs = scratch.s.data(); j.xm = scratch.m.data();
@@ -276,4 +310,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AjInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("residual"));
+                                  .Attr<int32_t>("residual")
+                                  .Attr<int32_t>("w4"));

@@ -1,7 +1,8 @@
 """int8 weight x on-the-fly int8 activation matmul for the CPU (AVX-512 VNNI), through XLA FFI.
 
 `quantize_blocks(w)` -> u8 q [Kp, N] and f32 d, m [Kp/32, N] (w ~ d * q + m per block of 32 along K).
-`pack_blocks(q, d, m)` -> the kernel's layout (see int8_matmul.cc). `int8_matmul(x, packed, dm, n)` is
+`pack_blocks(q, d, m)` -> the kernel's layout (see int8_matmul.cc); `on_4bit_grid(q)` and `pack_blocks4` the
+4-bit layout for a matrix whose every block has 16 levels (GGUF Q4_1: half the bytes, the same numbers). `int8_matmul(x, packed, dm, n)` is
 y = x @ w with x quantized per token to int8 in blocks of 32 along K. `reference_int8_matmul` is the same
 arithmetic in NumPy, for tests. `kernel_status()` builds and registers the kernel once per process and
 says whether it can run here (it needs a C++ compiler and a CPU with AVX-512 VNNI).
@@ -84,16 +85,34 @@ def pack_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray
     return np.ascontiguousarray(u).reshape(np_, kp), np.ascontiguousarray(dm).reshape(-1)
 
 
-def int8_matmul(x, packed, dm, n: int, residual: bool = True):
+def on_4bit_grid(q: np.ndarray) -> bool:
+    """Whether every q is a multiple of 17 (16 levels per block, as a GGUF Q4_1 block gives)."""
+    return bool(np.all(q % 17 == 0))
+
+
+def pack_blocks4(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pack_blocks for q on the 4-bit grid (on_4bit_grid): i = q / 17 in nibbles, u8[Np, Kp/2] bytes ordered
+    [Np/16, Kp/8, 16, 4] (low nibble: k4 step 2 s, high: 2 s + 1), and d scaled by 17 in dm."""
+    kp, n = q.shape
+    i = (q // 17).astype(np.uint8)
+    u8, dm = pack_blocks(i, d * np.float32(17.0), m)  # [Np, Kp] as [Np/16, Kp/4, 16, 4]
+    np_ = u8.shape[0]
+    u = u8.reshape(np_ // NGROUP, kp // 8, 2, NGROUP * 4)  # k4 = 2 s + h
+    nibbles = u[:, :, 0] | (u[:, :, 1] << 4)  # [Np/16, Kp/8, 64]
+    return np.ascontiguousarray(nibbles).reshape(np_, kp // 2), dm
+
+
+def int8_matmul(x, packed, dm, n: int, residual: bool = True, w4: bool = False):
     """x f32[M, K] @ (8-bit block weights) -> f32[M, n] through the FFI kernel (call kernel_status() first).
     residual: activations as two int8 planes (q + q2/254, ~15 bits): greedy output stays with fp32's
-    far more often, for about twice the integer work (free at batch 1, where weight reads dominate)."""
+    far more often, for about twice the integer work (free at batch 1, where weight reads dominate).
+    w4: `packed` is pack_blocks4's 4-bit layout."""
     import jax
     import jax.numpy as jnp
 
     m = x.shape[0]
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        x.astype(jnp.float32), packed, dm, residual=np.int32(1 if residual else 0))
+        x.astype(jnp.float32), packed, dm, residual=np.int32(1 if residual else 0), w4=np.int32(1 if w4 else 0))
 
 
 def quantize_activations(x: np.ndarray, kp: int, residual: bool = True) -> tuple[np.ndarray, np.ndarray]:
