@@ -42,10 +42,14 @@ class Int8Weight(nnx.Module):
         k, n = w.shape
         self.mode, self.k, self.n = mode, int(k), int(n)
         q, d, m = kern.quantize_blocks(w)  # u8 [Kp, N], f32 [nb, N] x2
+        self.half = False  # f16 scales (4-bit only)
         self.w4 = mode == "cpu_kernel" and kern.on_4bit_grid(q)  # a Q4_1 GGUF: half the bytes, same numbers
         if mode == "cpu_kernel":
-            pack = kern.pack_blocks4 if self.w4 else kern.pack_blocks
-            packed, dm = pack(q, d, m)  # u8 [Np, Kp] (4-bit: [Np, Kp/2]), f32 [Np/16 * nb * 2 * 16]
+            if self.w4:  # f16 scales too where they hold the weights exactly (Q4_1 stores them so)
+                self.half = kern.half_scales_exact(w, q, d, m)
+                packed, dm = kern.pack_blocks4(q, d, m, self.half)  # u8 [Np, Kp/2], f16/f32 [Np/16 * nb * 2 * 16]
+            else:
+                packed, dm = kern.pack_blocks(q, d, m)  # u8 [Np, Kp], f32 [Np/16 * nb * 2 * 16]
             self.q = QuantArray(jax.device_put(packed))
             self.dm = QuantArray(jax.device_put(dm))
         else:
@@ -100,7 +104,8 @@ def quantize_model(model, method: str, mode: Optional[str] = None) -> Optional[s
     if getattr(model, "lm_head", "absent") is None and isinstance(getattr(model, "embed", None), Embedding):
         model.embed.quantize_head_int8(mode)  # tied embedding: only its attend (the LM head) goes int8
         count += 1
-    w4 = sum(bool(getattr(node, "w4", False)) for _, node in nnx.iter_graph(model) if isinstance(node, Int8Weight))
-    logger.info("Quantized %d weight matrices to int8 (%s; %d of them on the 4-bit grid, stored as nibbles) in "
-                "%.1f s", count, mode, w4, time.perf_counter() - t0)
+    mats = [node for _, node in nnx.iter_graph(model) if isinstance(node, Int8Weight)]
+    logger.info("Quantized %d weight matrices to int8 (%s; %d of them on the 4-bit grid, stored as nibbles, %d "
+                "with f16 scales) in %.1f s", count, mode, sum(x.w4 for x in mats), sum(x.half for x in mats),
+                time.perf_counter() - t0)
     return mode

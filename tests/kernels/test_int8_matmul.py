@@ -67,8 +67,8 @@ def _q4_1(k, n, seed=1):
     i = rng.integers(0, 16, size=(kp, n))
     i[0::32] = 0
     i[1::32] = 15  # every block spans the full 4-bit range, as Q4_1's min/max do
-    d4 = rng.uniform(1e-3, 1e-2, size=(kp // 32, 1, n)).astype(np.float32)
-    m4 = rng.uniform(-0.1, 0.0, size=(kp // 32, 1, n)).astype(np.float32)
+    d4 = rng.uniform(1e-3, 1e-2, size=(kp // 32, 1, n)).astype(np.float16).astype(np.float32)  # GGUF: f16
+    m4 = rng.uniform(-0.1, 0.0, size=(kp // 32, 1, n)).astype(np.float16).astype(np.float32)
     w = (d4 * i.reshape(kp // 32, 32, n).astype(np.float32) + m4).reshape(kp, n)
     return w[:k], i[:k]
 
@@ -103,13 +103,15 @@ SHAPES4 = [(1, 576, 960), (4, 576, 3072), (32, 1536, 576), (130, 576, 960), (1, 
 @needs_kernel
 @pytest.mark.parametrize("m,k,n", SHAPES4)
 @pytest.mark.parametrize("residual", [True, False])
-def test_kernel_4bit_matches_numpy_model(m, k, n, residual):
-    """Weights on the 4-bit grid (Q4_1) packed as nibbles give the 8-bit path's numbers."""
+@pytest.mark.parametrize("half", [False, True])
+def test_kernel_4bit_matches_numpy_model(m, k, n, residual, half):
+    """Weights on the 4-bit grid (Q4_1) packed as nibbles (with f32 or f16 scales) give the 8-bit numbers."""
     w, _ = _q4_1(k, n, seed=m + k + n)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     q, d, mn = K.quantize_blocks(w)
-    assert K.on_4bit_grid(q)
-    packed, dm = K.pack_blocks4(q, d, mn)
+    assert K.on_4bit_grid(q) and K.half_scales_exact(w, q, d, mn)
+    packed, dm = K.pack_blocks4(q, d, mn, half)
+    assert dm.dtype == (np.float16 if half else np.float32)
     assert packed.shape[1] == q.shape[0] // 2
     y = np.asarray(jax.jit(lambda a, b, c: K.int8_matmul(a, b, c, n, residual, w4=True))(x, packed, dm))
     ref = K.reference_int8_matmul(x, q, d, mn, residual)
@@ -129,6 +131,10 @@ def test_pack4_layout():
     dmv = dm.reshape(3, 2, 2, 16)
     np.testing.assert_allclose(dmv[2, 1, 0, 7], 17 * d[1, 39], rtol=1e-7)
     assert not K.on_4bit_grid(np.array([[17, 18]], np.uint8))
+    w, _ = _q4_1(64, 8)
+    w[3, 2] += 1e-4  # off the f16 scales' values
+    q, d, mn = K.quantize_blocks(w)
+    assert not K.half_scales_exact(w, q, d, mn)
 
 
 @pytest.mark.parametrize("mode", ["xla"] + (["cpu_kernel"] if AVAILABLE else []))
@@ -151,7 +157,8 @@ def test_int8_weight_module(mode):
 def test_int8_weight_module_picks_4bit_for_q4_1():
     w, _ = _q4_1(96, 40)
     lw = Int8Weight(w, "cpu_kernel")
-    assert lw.w4 and lw.q[...].shape == (48, 48)  # [Np, Kp / 2]
+    assert lw.w4 and lw.half and lw.q[...].shape == (48, 48)  # [Np, Kp / 2]
+    assert lw.dm[...].dtype == jnp.float16
     x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
     q, d, mn = K.quantize_blocks(w)
     y = np.asarray(jax.jit(lambda a: lw(a))(jnp.asarray(x)))

@@ -12,7 +12,8 @@
 //
 // Layout (built by int8_matmul.py `pack_blocks`): q as u8 [Np/16, Kp/4, 16, 4] (Np, Kp: N, K padded to 16
 // and QB). One 64-byte load holds 4 consecutive k of 16 outputs, so a broadcast of 4 activation bytes feeds
-// 16 dot products at once (no horizontal sums). dm: f32 [Np/16, Kp/QB, 2, 16] (d then m of 16 outputs).
+// 16 dot products at once (no horizontal sums). dm: f32 [Np/16, Kp/QB, 2, 16] (d then m of 16 outputs), or
+// f16 where that holds the weights exactly (a Q4_1 GGUF's scales are f16): fewer bytes to stream.
 //
 // 4-bit weights (attribute `w4`): where every block of a matrix is on the 16-level grid (q = 17 i, as a
 // GGUF Q4_1 block is), the packed bytes hold two k4 steps, i of k4 = 2 s in the low nibble and of 2 s + 1 in
@@ -45,7 +46,8 @@ constexpr int QB = 32;  // activation quantization block along K
 
 struct Job {
   const uint8_t* w;      // packed weights
-  const float* dm;       // [Np/16, nb, 2, 16] block scales and offsets
+  const void* dm;        // [Np/16, nb, 2, 16] block scales and offsets, f32 or (dm16) f16
+  bool dm16;
   const float* x;        // [M, K] the f32 activations
   int8_t* xq;            // [M, Kp] quantized activations
   int8_t* xq2;           // [M, Kp] their quantized residuals (residual mode only, else nullptr)
@@ -96,8 +98,8 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
     xrow[t] = j.xq + (m0 + t) * j.Kp;
     xrow2[t] = R ? j.xq2 + (m0 + t) * j.Kp : nullptr;
   }
-  const float* dmg[G];
-  for (int g = 0; g < G; ++g) dmg[g] = j.dm + (g0 + g) * j.nb * 32;
+  int64_t dmg[G];  // element offsets of each group's scales
+  for (int g = 0; g < G; ++g) dmg[g] = (g0 + g) * j.nb * 32;
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < j.nb; ++b) {
     __m512i iacc[MT][G], iacc2[MT][G];
@@ -141,8 +143,16 @@ inline void micro(const Job& j, int64_t g0, int64_t m0) {
     }
     __m512 d[G], m[G];
     for (int g = 0; g < G; ++g) {
-      d[g] = _mm512_loadu_ps(dmg[g] + b * 32);
-      m[g] = _mm512_loadu_ps(dmg[g] + b * 32 + 16);
+      const int64_t o = dmg[g] + b * 32;
+      if (j.dm16) {
+        const uint16_t* h = static_cast<const uint16_t*>(j.dm) + o;
+        d[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)h));
+        m[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + 16)));
+      } else {
+        const float* f = static_cast<const float*>(j.dm) + o;
+        d[g] = _mm512_loadu_ps(f);
+        m[g] = _mm512_loadu_ps(f + 16);
+      }
     }
     for (int t = 0; t < MT; ++t) {
       __m512 sx = _mm512_set1_ps(j.xs[(m0 + t) * j.nb + b]);
@@ -266,12 +276,15 @@ void run_job(Job& j) {
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                          ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> y, int32_t residual,
+                          ffi::AnyBuffer dm, ffi::ResultBuffer<ffi::F32> y, int32_t residual,
                           int32_t w4) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("int8_matmul: x, w and y must be 2-D");
   const int64_t M = xd[0], K = xd[1], Np = wd[0], Kp = w4 ? 2 * wd[1] : wd[1], N = yd[1];
+  const bool dm16 = dm.element_type() == ffi::DataType::F16;
+  if (!dm16 && dm.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("int8_matmul: dm must be f32 or f16");
   if (yd[0] != M || Kp % QB != 0 || Np % 16 != 0 || K > Kp || N > Np || dm.element_count() != (size_t)(Np * (Kp / QB) * 2))
     return ffi::Error::InvalidArgument("int8_matmul: shapes do not match the packed weight layout");
   if (M == 0 || N == 0) return ffi::Error::Success();
@@ -283,7 +296,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   auto job = std::make_shared<Job>();
   Job& j = *job;
   j.M = M; j.K = K; j.N = N; j.Kp = Kp; j.nb = nb; j.w4 = w4 != 0;
-  j.x = x.typed_data(); j.w = w.typed_data(); j.dm = dm.typed_data(); j.y = y->typed_data();
+  j.x = x.typed_data(); j.w = w.typed_data(); j.dm = dm.untyped_data(); j.dm16 = dm16; j.y = y->typed_data();
   j.xq = scratch.q.data(); j.xq2 = residual ? scratch.q2.data() : nullptr;
   j.xs = scratch.s.data(); j.xm = scratch.m.data();
   j.tiles = (N + 31) / 32;
@@ -308,7 +321,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AjInt8Matmul, Int8MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("residual")
                                   .Attr<int32_t>("w4"));

@@ -90,23 +90,35 @@ def on_4bit_grid(q: np.ndarray) -> bool:
     return bool(np.all(q % 17 == 0))
 
 
-def pack_blocks4(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pack_blocks4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """pack_blocks for q on the 4-bit grid (on_4bit_grid): i = q / 17 in nibbles, u8[Np, Kp/2] bytes ordered
-    [Np/16, Kp/8, 16, 4] (low nibble: k4 step 2 s, high: 2 s + 1), and d scaled by 17 in dm."""
+    [Np/16, Kp/8, 16, 4] (low nibble: k4 step 2 s, high: 2 s + 1), and d scaled by 17 in dm (f16 if half)."""
     kp, n = q.shape
     i = (q // 17).astype(np.uint8)
     u8, dm = pack_blocks(i, d * np.float32(17.0), m)  # [Np, Kp] as [Np/16, Kp/4, 16, 4]
     np_ = u8.shape[0]
     u = u8.reshape(np_ // NGROUP, kp // 8, 2, NGROUP * 4)  # k4 = 2 s + h
     nibbles = u[:, :, 0] | (u[:, :, 1] << 4)  # [Np/16, Kp/8, 64]
-    return np.ascontiguousarray(nibbles).reshape(np_, kp // 2), dm
+    return np.ascontiguousarray(nibbles).reshape(np_, kp // 2), dm.astype(np.float16) if half else dm
+
+
+def half_scales_exact(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> bool:
+    """Whether 4-bit blocks (on_4bit_grid) with f16 scales (17 d, m) give back w exactly, as they do for a
+    GGUF Q4_1 tensor (stored with f16 d and m): then pack_blocks4(..., half=True) loses nothing."""
+    k, n = w.shape
+    nb = d.shape[0]
+    d16 = (d * np.float32(17.0)).astype(np.float16).astype(np.float32)  # [nb, N]
+    m16 = m.astype(np.float16).astype(np.float32)
+    i = (q // 17).astype(np.float32).reshape(nb, QB, n)
+    back = (i * d16[:, None] + m16[:, None]).reshape(nb * QB, n)[:k]
+    return bool(np.array_equal(back, np.asarray(w, np.float32)))
 
 
 def int8_matmul(x, packed, dm, n: int, residual: bool = True, w4: bool = False):
     """x f32[M, K] @ (8-bit block weights) -> f32[M, n] through the FFI kernel (call kernel_status() first).
     residual: activations as two int8 planes (q + q2/254, ~15 bits): greedy output stays with fp32's
     far more often, for about twice the integer work (free at batch 1, where weight reads dominate).
-    w4: `packed` is pack_blocks4's 4-bit layout."""
+    w4: `packed` is pack_blocks4's 4-bit layout. dm may be f32 or f16."""
     import jax
     import jax.numpy as jnp
 
