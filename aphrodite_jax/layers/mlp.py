@@ -34,6 +34,8 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, H]
         t = x.shape[0]
+        if self.m == 1 and self.down.quant is not None and hasattr(self.down.quant, "silu_mul"):
+            return self.down.quant.silu_mul(self.gate_up(x))  # int8: SiLU * up inside the down projection
         gu = self.gate_up(x).reshape(t, self.m, 2, self.intermediate // self.m)  # [T, m, 2, I/m]
         h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]  # [T, m, I/m]
         return self.down(h.reshape(t, self.intermediate))  # [T, H]

@@ -71,6 +71,16 @@ class Int8Weight(nnx.Module):
         return y.astype(out_dtype).reshape(*lead, self.n)
 
 
+    def silu_mul(self, gu: jax.Array) -> jax.Array:
+        """(silu(gate) * up) @ W for gu [T, 2K] = gate | up -> [T, N]: the MLP's down projection; the CPU
+        kernel computes the activation while quantizing it, so the [T, K] product is never written."""
+        if self.mode == "cpu_kernel":
+            y = kern.int8_matmul(gu.reshape(-1, 2 * self.k).astype(jnp.float32), self.q[...], self.dm[...], self.n,
+                                 w4=self.w4, silu_mul=True)  # f32[T, N]
+            return y.astype(gu.dtype)
+        return self(jax.nn.silu(gu[:, :self.k]) * gu[:, self.k:])
+
+
 def choose_mode() -> Optional[str]:
     """The int8 execution for this backend, or None (with a warning) where int8 would only be slower."""
     if jax.default_backend() != "cpu":

@@ -163,3 +163,39 @@ def test_int8_weight_module_picks_4bit_for_q4_1():
     q, d, mn = K.quantize_blocks(w)
     y = np.asarray(jax.jit(lambda a: lw(a))(jnp.asarray(x)))
     np.testing.assert_allclose(y, K.reference_int8_matmul(x, q, d, mn), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 1536, 576), (32, 1536, 576), (7, 100, 37), (130, 64, 40)])
+@pytest.mark.parametrize("w4", [False, True])
+def test_kernel_silu_mul_matches_numpy_model(m, k, n, w4):
+    """The down projection's prologue: x = gate | up, the kernel quantizes silu(gate) * up."""
+    if w4 and k % 32:
+        pytest.skip("a Q4_1 tensor's rows are whole blocks of 32")
+    rng = np.random.default_rng(m + k)
+    w = _q4_1(k, n, seed=n)[0] if w4 else (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    gu = (rng.standard_normal((m, 2 * k)) * 3).astype(np.float32)
+    gu[0, :4] = [-100.0, 100.0, 0.0, -0.0]  # the exponential's clamps and zero
+    q, d, mn = K.quantize_blocks(w)
+    packed, dm = (K.pack_blocks4(q, d, mn, True) if w4 else K.pack_blocks(q, d, mn))
+    y = np.asarray(jax.jit(lambda a, b, c: K.int8_matmul(a, b, c, n, w4=w4, silu_mul=True))(gu, packed, dm))
+    h = K.silu_mul_reference(gu)
+    np.testing.assert_allclose(h, np.asarray(jax.nn.silu(gu[:, :k]) * gu[:, k:]), rtol=1e-5, atol=1e-6)
+    ref = K.reference_int8_matmul(h, q, d, mn)
+    scale = np.abs(h).sum(axis=1).max() * np.abs(w).max()
+    np.testing.assert_allclose(y, ref, rtol=0, atol=float(scale) * 2e-6)
+
+
+@needs_kernel
+def test_gated_mlp_int8_uses_the_fused_down_projection():
+    from flax import nnx
+    from aphrodite_jax.layers.mlp import GatedMLP
+
+    mlp = GatedMLP(64, 96, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    mlp.gate_up.quantize_int8("cpu_kernel")
+    mlp.down.quantize_int8("cpu_kernel")
+    y = np.asarray(jax.jit(lambda a: mlp(a))(jnp.asarray(x)))
+    gu = np.asarray(mlp.gate_up(jnp.asarray(x)))
+    unfused = np.asarray(mlp.down.quant(jnp.asarray(K.silu_mul_reference(gu))))
+    np.testing.assert_allclose(y, unfused, rtol=1e-5, atol=1e-6)

@@ -48,7 +48,8 @@ struct Job {
   const uint8_t* w;      // packed weights
   const void* dm;        // [Np/16, nb, 2, 16] block scales and offsets, f32 or (dm16) f16
   bool dm16;
-  const float* x;        // [M, K] the f32 activations
+  const float* x;        // [M, K] the f32 activations ([M, 2K] gate | up with silu_mul)
+  bool silu_mul;         // the activation row is silu(gate) * up, computed here (the MLP's down projection)
   int8_t* xq;            // [M, Kp] quantized activations
   int8_t* xq2;           // [M, Kp] their quantized residuals (residual mode only, else nullptr)
   float* xs;             // [M, nb] activation block scales
@@ -214,13 +215,36 @@ void run_chunks(Job& j) {
   }
 }
 
+// e^x for f32 lanes (Cephes' expf polynomial, ~1 ulp; x clamped to the finite range).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) * u = g / (1 + e^-g) * u
+inline __m512 silu_mul_ps(__m512 g, __m512 u) {
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
 // Per token and block of QB: scale = max|x| / 127, q = round(x / scale), and scale * sum(q). Residual
 // mode adds q2 = round(254 * (x / scale - q)) and uses scale / 254 with q' = 254 q + q2.
 void quantize_rows(const Job& j, int64_t m_begin, int64_t m_end) {
   const bool residual = j.xq2 != nullptr;
   const int64_t K = j.K;
   for (int64_t m = m_begin; m < m_end; ++m) {
-    const float* xr = j.x + m * K;
+    const float* xr = j.x + m * (j.silu_mul ? 2 * K : K);
     int8_t* qr = j.xq + m * j.Kp;
     int8_t* q2r = residual ? j.xq2 + m * j.Kp : nullptr;
     for (int64_t b = 0; b < j.nb; ++b) {
@@ -234,6 +258,12 @@ void quantize_rows(const Job& j, int64_t m_begin, int64_t m_end) {
         const __mmask32 mask = n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
         lo = _mm512_maskz_loadu_ps((__mmask16)(mask & 0xFFFF), xr + k0);
         hi = _mm512_maskz_loadu_ps((__mmask16)(mask >> 16), xr + k0 + 16);
+      }
+      if (j.silu_mul) {  // zeros past K stay zero: silu(0) * 0
+        const int64_t n = std::max<int64_t>(0, std::min<int64_t>(QB, K - k0));
+        const __mmask32 mask = n >= 32 ? 0xFFFFFFFFu : ((1u << n) - 1u);
+        lo = silu_mul_ps(lo, _mm512_maskz_loadu_ps((__mmask16)(mask & 0xFFFF), xr + K + k0));
+        hi = silu_mul_ps(hi, _mm512_maskz_loadu_ps((__mmask16)(mask >> 16), xr + K + k0 + 16));
       }
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const float d = amax / 127.0f;
@@ -277,11 +307,13 @@ void run_job(Job& j) {
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                           ffi::AnyBuffer dm, ffi::ResultBuffer<ffi::F32> y, int32_t residual,
-                          int32_t w4) {
+                          int32_t w4, int32_t silu_mul) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("int8_matmul: x, w and y must be 2-D");
-  const int64_t M = xd[0], K = xd[1], Np = wd[0], Kp = w4 ? 2 * wd[1] : wd[1], N = yd[1];
+  if (silu_mul && xd.size() == 2 && xd[1] % 2 != 0)
+    return ffi::Error::InvalidArgument("int8_matmul: silu_mul needs x = [gate | up] of even width");
+  const int64_t M = xd[0], K = silu_mul ? xd[1] / 2 : xd[1], Np = wd[0], Kp = w4 ? 2 * wd[1] : wd[1], N = yd[1];
   const bool dm16 = dm.element_type() == ffi::DataType::F16;
   if (!dm16 && dm.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("int8_matmul: dm must be f32 or f16");
@@ -295,7 +327,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if ((int64_t)scratch.s.size() < M * nb) { scratch.s.resize(M * nb); scratch.m.resize(M * nb); }
   auto job = std::make_shared<Job>();
   Job& j = *job;
-  j.M = M; j.K = K; j.N = N; j.Kp = Kp; j.nb = nb; j.w4 = w4 != 0;
+  j.M = M; j.K = K; j.N = N; j.Kp = Kp; j.nb = nb; j.w4 = w4 != 0; j.silu_mul = silu_mul != 0;
   j.x = x.typed_data(); j.w = w.typed_data(); j.dm = dm.untyped_data(); j.dm16 = dm16; j.y = y->typed_data();
   j.xq = scratch.q.data(); j.xq2 = residual ? scratch.q2.data() : nullptr;
   j.xs = scratch.s.data(); j.xm = scratch.m.data();
@@ -324,4 +356,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AjInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("residual")
-                                  .Attr<int32_t>("w4"));
+                                  .Attr<int32_t>("w4")
+                                  .Attr<int32_t>("silu_mul"));

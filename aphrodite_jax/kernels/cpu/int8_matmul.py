@@ -114,17 +114,29 @@ def half_scales_exact(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray
     return bool(np.array_equal(back, np.asarray(w, np.float32)))
 
 
-def int8_matmul(x, packed, dm, n: int, residual: bool = True, w4: bool = False):
+def int8_matmul(x, packed, dm, n: int, residual: bool = True, w4: bool = False, silu_mul: bool = False):
     """x f32[M, K] @ (8-bit block weights) -> f32[M, n] through the FFI kernel (call kernel_status() first).
     residual: activations as two int8 planes (q + q2/254, ~15 bits): greedy output stays with fp32's
     far more often, for about twice the integer work (free at batch 1, where weight reads dominate).
-    w4: `packed` is pack_blocks4's 4-bit layout. dm may be f32 or f16."""
+    w4: `packed` is pack_blocks4's 4-bit layout. dm may be f32 or f16.
+    silu_mul: x is f32[M, 2K], gate | up, and the product is silu(gate) * up @ W, the activation computed while
+    it is quantized (the MLP's down projection without its [M, K] intermediate)."""
     import jax
     import jax.numpy as jnp
 
     m = x.shape[0]
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        x.astype(jnp.float32), packed, dm, residual=np.int32(1 if residual else 0), w4=np.int32(1 if w4 else 0))
+        x.astype(jnp.float32), packed, dm, residual=np.int32(1 if residual else 0), w4=np.int32(1 if w4 else 0),
+        silu_mul=np.int32(1 if silu_mul else 0))
+
+
+def silu_mul_reference(gu: np.ndarray) -> np.ndarray:
+    """The kernel's silu_mul prologue in NumPy: gu f32[M, 2K] -> g / (1 + e^-g) * u, f32[M, K]."""
+    gu = np.asarray(gu, np.float32)
+    k = gu.shape[1] // 2
+    g, u = gu[:, :k], gu[:, k:]
+    with np.errstate(over="ignore"):
+        return (g / (np.float32(1.0) + np.exp(-g))) * u
 
 
 def quantize_activations(x: np.ndarray, kp: int, residual: bool = True) -> tuple[np.ndarray, np.ndarray]:
