@@ -115,3 +115,21 @@ def test_no_real_rows():
     out, cache = _run(b, "cpu", 64)
     assert not out.any()
     np.testing.assert_array_equal(cache, b.kv_cache)
+
+
+def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
+    """Where the kernel cannot be built, impl="cpu" logs why once and runs the pure-JAX path (same answer)."""
+    monkeypatch.setattr(K, "kernel_status", lambda: (False, "no C++ compiler found (test)"))
+    K.available_or_warn.cache_clear()
+    try:
+        rng = np.random.default_rng(4)
+        b = make_batch(rng, seqs=[(1, 20), (5, 5)], page_size=16, num_kv_heads=3, group=3, head_dim=64)
+        with caplog.at_level("WARNING"):
+            fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.125, impl="cpu"))
+            assert K.TARGET not in fn.lower(*b.args()).as_text()
+        assert "paged-attention kernel is unavailable (no C++ compiler found (test))" in caplog.text
+        out, cache = (np.asarray(x) for x in fn(*b.args()))
+        np.testing.assert_allclose(out, dense_attention(b, sm_scale=0.125), atol=2e-5, rtol=2e-5)
+        np.testing.assert_array_equal(cache, expected_cache(b))
+    finally:
+        K.available_or_warn.cache_clear()
