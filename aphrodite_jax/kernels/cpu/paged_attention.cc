@@ -2,25 +2,27 @@
 // cache through each sequence's page table (no per-row gathers, no copies of the context).
 //
 // Why: the pure-JAX path gathers every row's context pages into a fresh [T, L, Hkv, D] block per loop
-// iteration, which costs far more than the arithmetic; here each K/V key block is read once per
-// (sequence, KV head, query tile) and used by every query head of the GQA group and every row of the tile.
+// iteration, which costs far more than the arithmetic; here each key block is read once per (sequence,
+// query tile) and used by every row of the tile and every query head of each GQA group.
 //
-// Contract (pallas_kernels/__init__.py): q [T, Hq, D] (this step's query rows, ragged over sequences),
-// k, v [T, Hkv, D] (this step's, written into the cache first, in place), kv_cache [P, PS, 2*Hkv, D] with K
-// and V interleaved on axis 2 (k0, v0, k1, v1, ...), kv_lens i32[S] (context length including this step),
-// page_indices i32[S, PPS], cu_q_lens i32[S+1], num_seqs i32[1]. Sequence s owns rows cu[s]..cu[s+1]-1, the last q_len positions of
-// its kv_len; row r (position pos) sees keys 0..pos (pos-W+1..pos with a sliding window W). Rows at or
-// past cu[num_seqs] are padding: their output is zero.
+// Contract (pallas_kernels/__init__.py): q [T, Hq, D] (this step's query rows, ragged over sequences);
+// k, v [T, Hkv, D] (this step's, written into the cache first, in place); kv_cache [P, PS, 2*Hkv, D] with
+// K and V interleaved on axis 2 (k0, v0, k1, v1, ...); kv_lens i32[S] (context length including this
+// step); page_indices i32[S, PPS]; cu_q_lens i32[S+1]; num_seqs i32[1]. Sequence s owns rows
+// cu[s]..cu[s+1]-1, the last q_len positions of its kv_len; a row at position pos sees keys 0..pos
+// (pos-W+1..pos with a sliding window W). Rows at or past cu[num_seqs] are padding: their output is zero.
 //
-// Work item: (sequence, query tile of up to q_tile rows), all KV heads, so each key block's token rows are
-// read once and in order. Per KV head its query vectors are the tile's rows x the G query heads of that KV
-// head (nq = rows * G), attended with an online (flash) softmax over key
-// blocks of up to 16 keys (one zmm of scores) that never cross a page. Scores: with few query vectors
-// (decode) each key's dot product is an FMA chain and 16 of them are summed horizontally by one
-// transpose-add tree; with many (prefill tiles) the block's K is transposed once by gathers to [D, 16] and
-// every query vector's 16 scores are D broadcast-FMAs. P.V: broadcast p times V rows, MB query vectors
-// at a time kept in registers. Items run on XLA's intra-op pool, largest first, taken from an atomic
-// counter (the calling thread takes items too, as in int8_matmul.cc).
+// Work item: (sequence, query tile of up to q_tile rows) with all KV heads, so each key block's token rows
+// are read once, in order. Per KV head the query vectors are the tile's rows x the G query heads of that
+// KV head (nq = rows * G), attended with an online (flash) softmax over key blocks of up to 16 keys that
+// never cross a page. Two layouts:
+// - decode (nq <= kDotPathMaxNq): each key's dot product is an FMA chain, 16 of them are summed
+//   horizontally by one transpose-add tree into a zmm of scores, and P.V broadcasts p over V rows;
+// - prefill tiles (attend_lanes): 16 query vectors sit in the lanes of a zmm, so scores, softmax and P.V
+//   are lane-wise broadcast-FMAs with no horizontal work (0.67x the time of a transposed-K variant at
+//   prefill 1024).
+// Items run on XLA's intra-op pool, largest first, taken from an atomic counter (the calling thread takes
+// items too, as in int8_matmul.cc).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -39,7 +41,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int KB = 16;             // keys per block: one zmm of scores
-constexpr int kDotPathMaxNq = 8;   // up to this many query vectors: dot + horizontal-sum scores
+constexpr int kDotPathMaxNq = 8;   // up to this many query vectors per KV head: the decode path
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Item {
@@ -105,14 +107,16 @@ inline __m512 hsum16(const __m512* v) {
 }
 
 // Per-thread scratch for one item (reused across items; sized on first use).
-struct Scratch {  // per KV head h, at offset h * nq (x D or x 16):
+struct Scratch {  // the decode path's layout; attend_lanes documents its own use of these buffers
+  // per KV head h, at offset h * nq (x D or x 16):
   std::vector<float> qb;   // [H, nq, D] scaled query vectors, m = row * G + g
   std::vector<float> acc;  // [H, nq, D] unnormalised outputs
   std::vector<float> s;    // [H, nq, 16] scores, then probabilities of the current key block
   std::vector<float> lv;   // [H, nq, 16] per-lane partial softmax denominators
   std::vector<float> mx;   // [H, nq] running max
   std::vector<float> corr; // [H, nq] rescale of acc for the current block
-  std::vector<float> kt;   // [D, 16] the block's K transposed (gather path)
+  std::vector<float> kt;   // [2, 16, D] a key block's K and V rows of one head, contiguous (lanes path)
+  std::vector<int32_t> pos;  // [NB, 16] each lane's query position (lanes path)
 };
 
 // Scores s[m, i] = q_m . K_i for i < n (zero past n), K_i at kbase + i * stride.
@@ -132,32 +136,6 @@ void scores_dot(const float* qb, int nq, const float* kbase, int64_t stride, int
     }
     _mm512_storeu_ps(s + m * KB, hsum16(a));
   }
-}
-
-// Same scores through K transposed to kt [D, 16] (one gather per d), B query vectors per pass.
-template <int ND, int B>
-void scores_kt_block(const float* qb, int m0, const float* kt, float* s) {
-  constexpr int D = 16 * ND;
-  __m512 a[B];
-  for (int b = 0; b < B; ++b) a[b] = _mm512_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    const __m512 k = _mm512_loadu_ps(kt + d * KB);
-    for (int b = 0; b < B; ++b) a[b] = _mm512_fmadd_ps(_mm512_set1_ps(qb[(m0 + b) * D + d]), k, a[b]);
-  }
-  for (int b = 0; b < B; ++b) _mm512_storeu_ps(s + (m0 + b) * KB, a[b]);
-}
-
-template <int ND>
-void scores_kt(const float* qb, int nq, const float* kbase, int64_t stride, int n, float* kt, float* s) {
-  constexpr int D = 16 * ND;
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32((int32_t)stride));
-  const __mmask16 km = n >= KB ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-  for (int d = 0; d < D; ++d)
-    _mm512_storeu_ps(kt + d * KB, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), km, idx, kbase + d, 4));
-  int m = 0;
-  for (; m + 8 <= nq; m += 8) scores_kt_block<ND, 8>(qb, m, kt, s);
-  for (; m < nq; ++m) scores_kt_block<ND, 1>(qb, m, kt, s);
 }
 
 // acc[m] = acc[m] * corr[m] + sum_{i < n} p[m, i] V_i for MB query vectors from m0.
@@ -194,15 +172,15 @@ inline void prefetch_block(const Job& j, const int32_t* table, int64_t k0, int64
   for (int64_t b = 0; b < n * stride * 4; b += 64) _mm_prefetch(base + b, _MM_HINT_T0);
 }
 
-// One KV head's part of a key block: scores, online-softmax update and P.V for its nq query vectors
+// Decode path (nq <= kDotPathMaxNq). One KV head's part of a key block: scores, online-softmax update and
+// P.V for its nq query vectors
 // (qb, acc [nq, D]; s, lv [nq, 16]; mx, corr [nq]); rows r0.. of the tile start at position pos0.
 template <int ND>
 void attend_block(const Job& j, int nq, int64_t G, int64_t pos0, int64_t k0, int n, const float* kbase,
-                  int64_t stride, float* qb, float* acc, float* s, float* lv, float* mx, float* corr, float* kt) {
+                  int64_t stride, float* qb, float* acc, float* s, float* lv, float* mx, float* corr) {
   constexpr int MB = ND <= 4 ? 4 : ND <= 8 ? 2 : 1;  // MB * ND accumulators stay within the 32 zmm
   const float* vbase = kbase + 16 * ND;
-  if (nq <= kDotPathMaxNq) scores_dot<ND>(qb, nq, kbase, stride, n, s);
-  else scores_kt<ND>(qb, nq, kbase, stride, n, kt, s);
+  scores_dot<ND>(qb, nq, kbase, stride, n, s);
 
   // Online softmax over this block; s becomes p (zero where masked), corr rescales acc.
   for (int m = 0; m < nq; ++m) {
@@ -261,7 +239,7 @@ void attend(const Job& j, const Item& it, Scratch& sc) {
   // Per head h: qb, acc [H, nq, D]; s, lv [H, nq, 16]; mx, corr [H, nq].
   sc.qb.resize((size_t)H * nq * D); sc.acc.assign((size_t)H * nq * D, 0.0f);
   sc.s.resize((size_t)H * nq * KB); sc.lv.assign((size_t)H * nq * KB, 0.0f);
-  sc.mx.assign((size_t)H * nq, kNegInf); sc.corr.resize((size_t)H * nq); sc.kt.resize((size_t)D * KB);
+  sc.mx.assign((size_t)H * nq, kNegInf); sc.corr.resize((size_t)H * nq);
   const __m512 scale = _mm512_set1_ps(j.scale);
   for (int r = 0; r < rows; ++r)
     for (int64_t hq = 0; hq < j.Hq; ++hq) {  // hq = h * G + g
@@ -281,7 +259,7 @@ void attend(const Job& j, const Item& it, Scratch& sc) {
     for (int64_t h = 0; h < H; ++h)
       attend_block<ND>(j, nq, G, prev + it.r0, k0, n, tok + 2 * h * D, stride, &sc.qb[h * nq * D],
                        &sc.acc[h * nq * D], &sc.s[h * nq * KB], &sc.lv[h * nq * KB], &sc.mx[h * nq],
-                       &sc.corr[h * nq], sc.kt.data());
+                       &sc.corr[h * nq]);
     k0 += n;
   }
 
@@ -295,16 +273,132 @@ void attend(const Job& j, const Item& it, Scratch& sc) {
     }
 }
 
+// Prefill tiles (nq > kDotPathMaxNq): the same attention with 16 query vectors in the lanes of a zmm, so
+// nothing is reduced horizontally and K needs no transpose. Per KV head and lane block b: qT, accT
+// [D, 16] (transposed), mx, l [16]; a key block's K and V rows are copied to contiguous [16, D] and read as
+// broadcasts: scores S_i = sum_d qT[d] * K[i, d] (16 zmm, key i), the online softmax runs lane-wise over
+// the 16 keys, and accT[d] += p_i * V[i, d].
+template <int ND>
+void attend_lanes(const Job& j, const Item& it, Scratch& sc) {
+  constexpr int D = 16 * ND;
+  const int64_t G = j.Hq / j.Hkv, H = j.Hkv;
+  const int rows = it.r1 - it.r0;
+  const int nq = rows * (int)G;  // query vectors per KV head, m = r * G + g, lane block m / 16
+  const int NB = (nq + 15) / 16;
+  const int64_t row0 = j.cu[it.seq] + it.r0;
+  const int64_t q_len = j.cu[it.seq + 1] - j.cu[it.seq];
+  const int64_t prev = std::max<int64_t>(0, j.kv_lens[it.seq] - q_len);
+  const int64_t kend = std::min<int64_t>(prev + it.r1, j.PPS * j.PS);
+  const int64_t kstart = j.window > 0 ? std::max<int64_t>(0, prev + it.r0 - j.window + 1) : 0;
+  const int64_t stride = 2 * H * D;
+
+  // qb, acc: [H, NB, D, 16]; mx, lv: [H, NB, 16]; kt: K then V rows of a block [2, 16, D]; pos: [NB, 16].
+  sc.qb.assign((size_t)H * NB * D * 16, 0.0f); sc.acc.assign((size_t)H * NB * D * 16, 0.0f);
+  sc.mx.assign((size_t)H * NB * 16, kNegInf); sc.lv.assign((size_t)H * NB * 16, 0.0f);
+  sc.kt.assign((size_t)2 * KB * D, 0.0f); sc.pos.resize((size_t)NB * 16);
+  for (int m = 0; m < NB * 16; ++m) sc.pos[m] = m < nq ? (int32_t)(prev + it.r0 + m / G) : -1;  // -1: sees nothing
+  for (int r = 0; r < rows; ++r)
+    for (int64_t hq = 0; hq < j.Hq; ++hq) {
+      const int m = r * (int)G + (int)(hq % G);
+      const float* src = j.q + ((row0 + r) * j.Hq + hq) * D;
+      float* dst = &sc.qb[((hq / G) * NB + m / 16) * D * 16 + m % 16];
+      for (int d = 0; d < D; ++d) dst[d * 16] = src[d] * j.scale;
+    }
+
+  float* kblk = sc.kt.data();
+  float* vblk = kblk + KB * D;
+  alignas(64) float pbuf[KB * 16];
+  const int32_t* table = j.pages + (int64_t)it.seq * j.PPS;
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  for (int64_t k0 = kstart; k0 < kend;) {
+    const int64_t page = k0 / j.PS, in_page = k0 - page * j.PS;
+    const int n = (int)std::min<int64_t>({KB, j.PS - in_page, kend - k0});
+    const int64_t pid = table[page];
+    if (pid < 0 || pid >= j.P) { k0 += n; continue; }
+    prefetch_block(j, table, k0 + n, kend, stride);
+    const float* tok = j.cache + (pid * j.PS + in_page) * stride;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int i = 0; i < n; ++i) {
+        std::copy_n(tok + i * stride + 2 * h * D, D, kblk + i * D);
+        std::copy_n(tok + i * stride + (2 * h + 1) * D, D, vblk + i * D);
+      }
+      for (int b = 0; b < NB; ++b) {
+        const int32_t* pb = &sc.pos[b * 16];
+        const int32_t minpos = pb[0], maxpos = pb[std::min(15, nq - 1 - 16 * b)];
+        if (maxpos < k0) continue;  // every lane's position is before this key block
+        if (j.window > 0 && minpos - j.window + 1 > k0 + n - 1) continue;  // every key is out of the window
+        float* qT = &sc.qb[(h * NB + b) * D * 16];
+        float* accT = &sc.acc[(h * NB + b) * D * 16];
+        float* mxb = &sc.mx[(h * NB + b) * 16];
+        float* lb = &sc.lv[(h * NB + b) * 16];
+        __m512 S[KB];
+        for (int i = 0; i < KB; ++i) S[i] = _mm512_setzero_ps();
+        for (int d = 0; d < D; ++d) {
+          const __m512 qd = _mm512_loadu_ps(qT + d * 16);
+          for (int i = 0; i < KB; ++i) S[i] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kblk[i * D + d]), S[i]);
+        }
+        const __m512i posv = _mm512_loadu_si512(pb);
+        __mmask16 mk[KB];
+        __m512 bmax = neg_inf;
+        for (int i = 0; i < KB; ++i) {
+          mk[i] = i < n ? _mm512_cmpge_epi32_mask(posv, _mm512_set1_epi32((int32_t)(k0 + i))) : (__mmask16)0;
+          if (j.window > 0)  // key k0+i > pos - W  <=>  pos < k0 + i + W
+            mk[i] &= _mm512_cmplt_epi32_mask(posv, _mm512_set1_epi32((int32_t)(k0 + i + j.window)));
+          const __m512 sv = j.soft_cap > 0.0f ? soft_cap512(S[i], j.soft_cap) : S[i];
+          S[i] = _mm512_mask_blend_ps(mk[i], neg_inf, sv);
+          bmax = _mm512_max_ps(bmax, S[i]);
+        }
+        const __m512 mold = _mm512_loadu_ps(mxb);
+        const __m512 mnew = _mm512_max_ps(mold, bmax);
+        // Lanes that have seen no key yet stay at -inf; 0 stands in as their exponent reference.
+        const __m512 msafe = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mnew, neg_inf, _CMP_NEQ_OQ), mnew);
+        const __m512 corr = exp512(_mm512_sub_ps(mold, msafe));
+        __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lb), corr);
+        for (int i = 0; i < n; ++i) {
+          const __m512 p = _mm512_maskz_mov_ps(mk[i], exp512(_mm512_sub_ps(S[i], msafe)));
+          lsum = _mm512_add_ps(lsum, p);
+          _mm512_store_ps(pbuf + i * 16, p);
+        }
+        _mm512_storeu_ps(mxb, mnew);
+        _mm512_storeu_ps(lb, lsum);
+        for (int d0 = 0; d0 < D; d0 += 16) {
+          __m512 a[16];
+          for (int dd = 0; dd < 16; ++dd) a[dd] = _mm512_mul_ps(_mm512_loadu_ps(accT + (d0 + dd) * 16), corr);
+          for (int i = 0; i < n; ++i) {
+            const __m512 p = _mm512_load_ps(pbuf + i * 16);
+            const float* v = vblk + i * D + d0;
+            for (int dd = 0; dd < 16; ++dd) a[dd] = _mm512_fmadd_ps(p, _mm512_set1_ps(v[dd]), a[dd]);
+          }
+          for (int dd = 0; dd < 16; ++dd) _mm512_storeu_ps(accT + (d0 + dd) * 16, a[dd]);
+        }
+      }
+    }
+    k0 += n;
+  }
+
+  for (int r = 0; r < rows; ++r)
+    for (int64_t hq = 0; hq < j.Hq; ++hq) {
+      const int m = r * (int)G + (int)(hq % G);
+      const int64_t blk = (hq / G) * NB + m / 16;
+      const float l = sc.lv[blk * 16 + m % 16];
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float* src = &sc.acc[blk * D * 16 + m % 16];
+      float* dst = j.out + ((row0 + r) * j.Hq + hq) * D;
+      for (int d = 0; d < D; ++d) dst[d] = src[d * 16] * inv;
+    }
+}
+
 void run_items(Job& j) {
   thread_local Scratch sc;
   for (;;) {
     const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
     if (c >= (int64_t)j.items.size()) return;
     const Item& it = j.items[c];
+    const bool lanes = (it.r1 - it.r0) * (j.Hq / j.Hkv) > kDotPathMaxNq;
     switch (j.D) {
-      case 64: attend<4>(j, it, sc); break;
-      case 128: attend<8>(j, it, sc); break;
-      case 256: attend<16>(j, it, sc); break;
+      case 64: lanes ? attend_lanes<4>(j, it, sc) : attend<4>(j, it, sc); break;
+      case 128: lanes ? attend_lanes<8>(j, it, sc) : attend<8>(j, it, sc); break;
+      case 256: lanes ? attend_lanes<16>(j, it, sc) : attend<16>(j, it, sc); break;
       default: break;  // rejected before any item runs
     }
     j.done.fetch_add(1, std::memory_order_release);
