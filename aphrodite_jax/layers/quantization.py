@@ -8,6 +8,8 @@ Two executions of the same stored numbers:
   (XLA fuses the dequantization into the matmul's operand there), and the tests' check on any backend.
 `quantize_model` is the loader hook: it runs once after the fp32 weights are loaded and replaces the weights
 of every Linear (qkv, o_proj, gate_up, down, an untied lm_head) and the tied embedding's LM head.
+Storage per matrix (CPU kernel): a GGUF Q4_1 tensor as 4-bit nibbles with f16 scales, a Q8_0 tensor exactly
+(q8 + 128, f16 scales), anything else on the asymmetric 8-bit grid with f32 scales.
 """
 from __future__ import annotations
 
@@ -41,11 +43,15 @@ class Int8Weight(nnx.Module):
             raise ValueError(f"unknown int8 mode {mode!r}; expected one of {MODES}")
         k, n = w.shape
         self.mode, self.k, self.n = mode, int(k), int(n)
-        q, d, m = kern.quantize_blocks(w)  # u8 [Kp, N], f32 [nb, N] x2
-        self.half = False  # f16 scales (4-bit only)
-        self.w4 = mode == "cpu_kernel" and kern.on_4bit_grid(q)  # a Q4_1 GGUF: half the bytes, same numbers
+        q8 = kern.q8_0_blocks(w)  # a GGUF Q8_0 tensor (the default model's tied LM head): exact, f16 scales
+        q, d, m = q8 if q8 is not None else kern.quantize_blocks(w)  # u8 [Kp, N], f32 [nb, N] x2
+        self.half = q8 is not None  # f16 scales
+        self.w4 = mode == "cpu_kernel" and q8 is None and kern.on_4bit_grid(q)  # Q4_1: half the bytes, same numbers
         if mode == "cpu_kernel":
-            if self.w4:  # f16 scales too where they hold the weights exactly (Q4_1 stores them so)
+            if q8 is not None:
+                packed, dm = kern.pack_blocks(q, d, m)
+                dm = dm.astype(np.float16)  # exact: d8 is f16 and m = -128 d8
+            elif self.w4:  # f16 scales too where they hold the weights exactly (Q4_1 stores them so)
                 self.half = kern.half_scales_exact(w, q, d, m)
                 packed, dm = kern.pack_blocks4(q, d, m, self.half)  # u8 [Np, Kp/2], f16/f32 [Np/16 * nb * 2 * 16]
             else:

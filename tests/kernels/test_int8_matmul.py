@@ -199,3 +199,37 @@ def test_gated_mlp_int8_uses_the_fused_down_projection():
     gu = np.asarray(mlp.gate_up(jnp.asarray(x)))
     unfused = np.asarray(mlp.down.quant(jnp.asarray(K.silu_mul_reference(gu))))
     np.testing.assert_allclose(y, unfused, rtol=1e-5, atol=1e-6)
+
+
+def _q8_0(k, n, seed=2):
+    """Weights as a GGUF Q8_0 tensor dequantizes to: w = d8 * q8 per block of 32, d8 f16, q8 in -127..127."""
+    rng = np.random.default_rng(seed)
+    q8 = rng.integers(-127, 128, size=(k, n)).astype(np.float32)
+    q8[0::32] = 127  # the block's max, as Q8_0's scale is amax / 127
+    d8 = rng.uniform(1e-3, 1e-2, size=(k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    return (q8.reshape(k // 32, 32, n) * d8).reshape(k, n)
+
+
+def test_q8_0_blocks_are_exact():
+    w = _q8_0(96, 40)
+    q, d, mn = K.q8_0_blocks(w)
+    np.testing.assert_array_equal(K.dequantize_blocks(q, d, mn, 96), w)
+    assert np.array_equal(d.astype(np.float16).astype(np.float32), d) and np.array_equal(mn, -128 * d)
+    assert K.q8_0_blocks(_case(1, 64, 8)[1]) is None  # generic weights: the asymmetric grid
+    assert K.q8_0_blocks(_q4_1(64, 8)[0]) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 576, 49152), (32, 576, 1000), (7, 64, 17)])
+def test_int8_weight_q8_0_exact_with_f16_scales(m, k, n):
+    w = _q8_0(k, n, seed=m)
+    lw = Int8Weight(w, "cpu_kernel")
+    assert lw.half and not lw.w4 and lw.dm[...].dtype == jnp.float16
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    y = np.asarray(jax.jit(lambda a: lw(a))(jnp.asarray(x)))
+    q, d, mn = K.q8_0_blocks(w)
+    ref = K.reference_int8_matmul(x, q, d, mn)
+    scale = np.abs(x).sum(axis=1).max() * np.abs(w).max()
+    np.testing.assert_allclose(y, ref, rtol=0, atol=float(scale) * 2e-6)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 1e-4  # only the activations are approximate

@@ -63,6 +63,25 @@ def quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.reshape(kp, n), d, lo.astype(np.float32)
 
 
+def q8_0_blocks(w: np.ndarray) -> "tuple[np.ndarray, np.ndarray, np.ndarray] | None":
+    """w f32 [K, N] -> (q, d, m) as quantize_blocks gives, but exact for a GGUF Q8_0 tensor (w = d8 * q8 per
+    block of 32, d8 f16, q8 in -127..127): q = q8 + 128, d = d8, m = -128 d8 (both f16-exact, so the scales
+    can be stored as f16). None where w is not such a tensor (then quantize_blocks' grid approximates it)."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    if k % QB:
+        return None
+    blocks = w.reshape(k // QB, QB, n)
+    d8 = (np.abs(blocks).max(axis=1) / np.float32(127.0)).astype(np.float16).astype(np.float32)  # [nb, N]
+    if not np.all(np.isfinite(d8)):
+        return None
+    q8 = np.rint(blocks / np.where(d8 > 0, d8, 1)[:, None])
+    if np.abs(q8).max(initial=0) > 127 or not np.array_equal(q8 * d8[:, None], blocks):
+        return None
+    q = (q8 + 128).astype(np.uint8).reshape(k, n)
+    return q, d8, (np.float32(-128.0) * d8).astype(np.float32)
+
+
 def dequantize_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray, k: int) -> np.ndarray:
     """The f32 [K, N] weights the blocks stand for."""
     nb, n = d.shape
