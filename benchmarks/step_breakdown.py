@@ -30,6 +30,32 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's code
 
 
+def _as_gguf_grids(model):
+    """Round the dummy weights as the default GGUF holds them: every Linear to Q4_1 (16 levels per block of
+    32 inputs, f16 d and m), the tied embedding to Q8_0, so `--quantization int8` picks the served storage."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from aphrodite_jax.layers.linear import Linear
+
+    def blocks(w):  # [K, N] -> [K/32, 32, N]
+        return w.reshape(w.shape[0] // 32, 32, w.shape[1])
+
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.weight is not None:
+            w = blocks(np.asarray(node.weight.get_value(), np.float32))
+            lo, hi = w.min(1, keepdims=True), w.max(1, keepdims=True)
+            d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+            m = lo.astype(np.float16).astype(np.float32)
+            i = np.clip(np.rint((w - m) / np.where(d > 0, d, 1)), 0, 15)
+            node.weight.set_value(jnp.asarray((d * i + m).reshape(-1, w.shape[2])))
+    if getattr(model, "lm_head", None) is None and hasattr(model, "embed"):
+        e = np.asarray(model.embed.weight.get_value(), np.float32)  # [V, H]: blocks of 32 along H
+        b = e.reshape(e.shape[0], -1, 32)
+        d = (np.abs(b).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+        q = np.rint(b / np.where(d > 0, d, 1))
+        model.embed.weight.set_value(jnp.asarray((q * d).reshape(e.shape)))
+
+
 def build(args):
     import jax.numpy as jnp
     from flax import nnx
@@ -48,6 +74,7 @@ def build(args):
     if args.quantization:
         from aphrodite_jax.layers.quantization import quantize_model
 
+        _as_gguf_grids(model)  # so the int8 storage is the served one (4-bit layers, exact Q8_0 head)
         quantize_model(model, args.quantization)
     page, pps = 16, args.max_model_len // 16
     if args.prefill:
