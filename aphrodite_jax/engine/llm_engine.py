@@ -197,10 +197,11 @@ class LLMEngine:
                     draws.append((i, s.seq, fork, state))
         specs = [state.sample_spec(seq, fork) for _, seq, fork, state in draws]
         md = None
+        shape = dict(logprobs=any(r.params.logprobs for r in specs), prompt_logprobs=bool(plp))
         if specs:
-            bucket = self.runner.buckets_for(sum(len(r[0]) for r in rows), len(specs))[1]
+            bucket = self.runner.buckets_for(sum(len(r[0]) for r in rows), len(specs), **shape)[1]
             md = self.sampler.metadata(specs, bucket)
-        logits, md = self.runner.run_model(rows, sample_rows, md)
+        logits, md = self.runner.run_model(rows, sample_rows, md, **shape)
         if sample_rows:  # guided rows: the host fills masks while the device runs the model
             mask = self.guided.bitmask([state.guide_state(seq) for _, seq, _, state in draws], logits.shape[0])
             if mask is not None:

@@ -122,7 +122,7 @@ class DeviceSampler:
             logits = jax.ShapeDtypeStruct((b, self.vocab_size), np.float32,
                                           sharding=self.runner._replicated())
             for greedy in (True, False):
-                for k in (0, self.max_logprobs):
+                for k in (0, self.max_logprobs) if b > 1 else (0,):  # no logprobs at 1 row (buckets_for)
                     params = SamplingParams(temperature=0.0 if greedy else 1.0, logprobs=k or None)
                     md = self.metadata([SamplingRow(params, 0, 0, (1,), ())], b)
                     md = jax.tree.map(lambda x: jax.ShapeDtypeStruct(

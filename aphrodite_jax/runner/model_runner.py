@@ -77,7 +77,11 @@ class ModelRunner:
         self.token_buckets = [SINGLE] + power_of_two_buckets(8, self.max_tokens)
         self.sample_buckets = [SINGLE] + power_of_two_buckets(8, self.max_num_seqs)
         self.seq_bucket = self.sample_buckets[-1]  # attention rows: always the max (cheap metadata)
-        self.shapes = [(SINGLE, SINGLE)] + step_shapes(self.token_buckets[1:], self.sample_buckets[1:])
+        # A one-token step that wants logprobs samples in the 8-row bucket (its sampler variants are
+        # costly to compile and rare at one stream); one with prompt logprobs runs padded (never happens:
+        # a one-token prompt chunk is a prompt's last token, which has no prompt logprob).
+        self.shapes = [(SINGLE, SINGLE), (SINGLE, self.sample_buckets[1])] + step_shapes(
+            self.token_buckets[1:], self.sample_buckets[1:])
         self.single_bucket = True  # False pads one-token steps to 8 as before (benchmarks' A/B)
 
         # The model knows whether attention (hence the cache) is split over KV heads or replicated.
@@ -219,25 +223,27 @@ class ModelRunner:
         return buf
 
     # ------------------------------------------------------------------ running
-    def buckets_for(self, num_tokens: int, num_samples: int) -> tuple[int, int]:
+    def buckets_for(self, num_tokens: int, num_samples: int, *, logprobs: bool = False,
+                    prompt_logprobs: bool = False) -> tuple[int, int]:
         """(token bucket, sample bucket); tokens are padded up to at least the sample bucket, which
-        keeps the shape set small when best_of draws several samples from one row."""
-        if self.single_bucket and num_tokens <= SINGLE and num_samples <= SINGLE:
-            return SINGLE, SINGLE
+        keeps the shape set small when best_of draws several samples from one row. logprobs / prompt
+        logprobs: whether a draw of the step wants them / the step computes some (see __init__)."""
+        if self.single_bucket and num_tokens <= SINGLE and num_samples <= SINGLE and not prompt_logprobs:
+            return SINGLE, (self.sample_buckets[1] if logprobs else SINGLE)
         b = pick_bucket(self.sample_buckets[1:], max(num_samples, 1))
         return pick_bucket(self.token_buckets[1:], max(num_tokens, b)), b
 
     def run_model(self, rows: Sequence[tuple[list[int], int, list[int]]], sample_rows: Sequence[int],
-                  extra: Any = None):
+                  extra: Any = None, *, logprobs: bool = False, prompt_logprobs: bool = False):
         """Run the model on a ragged batch.
 
         rows: (new token ids, start position, page table) per sequence; sample_rows: indices into
         `rows` whose last token's logits are wanted; extra: a host pytree (the sampler's metadata) that
-        rides along in the step's one `device_put`. Returns (logits f32[B_bucket, V] or None,
+        rides along in the step's one `device_put`; logprobs, prompt_logprobs: as in `buckets_for`. Returns (logits f32[B_bucket, V] or None,
         extra on device).
         """
         num_tokens = sum(len(r[0]) for r in rows)
-        t, b = self.buckets_for(num_tokens, len(sample_rows))
+        t, b = self.buckets_for(num_tokens, len(sample_rows), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         idx = np.zeros(b, np.int32)
         if sample_rows:
             ends = np.cumsum([len(r[0]) for r in rows]) - 1
@@ -319,7 +325,7 @@ class ModelRunner:
         for t, b in self.shapes:
             jobs.append(("logits", (t, b), (self._leaves, sds((t, hidden_size), self.kv_spec.dtype),
                                             sds((b,))), {}))
-        for t in self.token_buckets:
+        for t in self.token_buckets[1:]:  # never at SINGLE (buckets_for)
             jobs.append(("prompt_lp", (t,), (self._leaves, sds((t, hidden_size), self.kv_spec.dtype),
                                              sds((t,)), sds((t,))), {}))
         s = self.kv_spec

@@ -25,6 +25,8 @@ def test_single_row_bucket_gives_the_padded_tokens(default_llm):
     runner = default_llm.engine.runner
     assert runner.buckets_for(1, 1) == (1, 1)
     assert runner.buckets_for(2, 1) == (8, 8) and runner.buckets_for(1, 2) == (8, 8)
+    assert runner.buckets_for(1, 1, logprobs=True) == (1, 8)  # logprob draws sample in the 8-row bucket
+    assert runner.buckets_for(1, 1, prompt_logprobs=True) == (8, 8)
     assert ("forward", 1) in runner._compiled  # warmed up: no compile on the first one-stream step
     rng = random.Random(5)
     prompts = [random_prompt(rng, n) for n in (1, 15, 40)]  # the first decode at a page edge, too
@@ -33,7 +35,7 @@ def test_single_row_bucket_gives_the_padded_tokens(default_llm):
               SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)]
     calls = []
     orig = runner.buckets_for
-    runner.buckets_for = lambda t, s: calls.append(orig(t, s)) or orig(t, s)
+    runner.buckets_for = lambda *a, **k: calls.append(orig(*a, **k)) or orig(*a, **k)
     try:
         single = _solo(default_llm, prompts, params, True)
         used = set(calls)
@@ -41,7 +43,7 @@ def test_single_row_bucket_gives_the_padded_tokens(default_llm):
         padded = _solo(default_llm, prompts, params, False)
     finally:
         del runner.buckets_for
-    assert (1, 1) in used and (1, 1) not in set(calls)
+    assert {(1, 1), (1, 8)} <= used and not {(1, 1), (1, 8)} & set(calls)
     assert single == padded
     assert [len(t) for t in single] == [20, 20, 20]
     assert_all_pages_free(default_llm)
