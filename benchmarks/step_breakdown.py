@@ -12,7 +12,7 @@ and times, each as its own jitted program over all layers, for a decode batch or
 Examples:
   python benchmarks/step_breakdown.py --decode 32 --context 64
   python benchmarks/step_breakdown.py --prefill 1024
-  python benchmarks/step_breakdown.py --decode 32 --context 64 --ab reference,cpu   # A B A B, ratios
+  python benchmarks/step_breakdown.py --decode 32 --context 64 --ab cpu_jax,cpu   # A B A B, ratios (pure JAX vs the C++ kernel)
 The machine may be shared: parts run interleaved round-robin, and --ab alternates impls per round.
 """
 from __future__ import annotations
@@ -232,7 +232,7 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--quantization", default=None, help="e.g. int8: the served `--quantization` weights")
-    ap.add_argument("--impl", default="auto", help="attention impl: auto, reference, cpu")
+    ap.add_argument("--impl", default="auto", help="attention impl: auto, reference, cpu (the C++ kernel where it builds), cpu_jax (pure JAX)")
     ap.add_argument("--ab", help="two attention impls, e.g. reference,cpu: forward and attention of each, "
                                  "interleaved, with the ratio B/A of the medians")
     ap.add_argument("--only", help="comma list of parts to time")

@@ -1,16 +1,20 @@
-"""Ragged paged attention shaped for XLA's CPU backend (what impl="auto" runs on CPU).
+"""Ragged paged attention for the CPU (what impl="auto" runs on CPU).
 
-Same contract and the same two parts as reference.py (the oracle the tests compare this against): this
-step's own tokens attend to each other in causal tiles, every row attends to the context earlier steps
-cached, and the two merge by log-sum-exp. The in-step part (all of a fresh prefill's attention) is laid
-out for XLA's CPU backend: tiles are heads-major, [Hkv, G*C, D] x [Hkv, C, D] -> [Hkv, G*C, C], so both
-matmuls have their batch dimension leading and need no transposes inside the loop (about 0.55x the
-reference's time for a 1024-token prefill, benchmarks/step_breakdown.py --prefill 1024 --ab reference,cpu).
-Steps of one tile (under 256 tokens: decode batches) run the reference's in-step code unchanged: there
-the heads-major transposes cost more than they save (1.2-1.5x the reference's attention time at decode 32). The cached-context part
-is reference.py's (per-row page gathers, 4 pages per iteration): the variants tried (a block-diagonal
-query over the interleaved K/V bytes, an elementwise multiply-reduce, 8 pages per iteration) were not
-faster at decode batch 32 (notes in /work/notes/issue9-forward.md and benchmarks/step_breakdown.py).
+Where it builds and fits (fp32 cache, head_dim 64/128/256), the whole call is the C++ XLA FFI kernel
+aphrodite_jax/kernels/cpu/paged_attention.cc: it writes this step's K/V in place and reads K/V pages in
+place through the page table (benchmarks/step_breakdown.py --ab cpu_jax,cpu compares it with the code below).
+Otherwise (or with impl="cpu_jax") it is the pure-JAX code below, with the same contract and the same two
+parts as reference.py (the oracle the tests compare this against): this step's own tokens attend to each other
+in causal tiles, every row attends to the context earlier steps cached, and the two merge by log-sum-exp. The
+in-step part (all of a fresh prefill's attention) is laid out for XLA's CPU backend: tiles are heads-major,
+[Hkv, G*C, D] x [Hkv, C, D] -> [Hkv, G*C, C], so both matmuls have their batch dimension leading and need no
+transposes inside the loop (about 0.55x the reference's time for a 1024-token prefill,
+benchmarks/step_breakdown.py --prefill 1024 --ab reference,cpu_jax). Steps of one tile (under 256 tokens:
+decode batches) run the reference's in-step code unchanged: there the heads-major transposes cost more than
+they save (1.2-1.5x the reference's attention time at decode 32). The cached-context part is reference.py's
+(per-row page gathers, 4 pages per iteration): the variants tried (a block-diagonal query over the interleaved
+K/V bytes, an elementwise multiply-reduce, 8 pages per iteration) were not faster at decode batch 32 (notes in
+/work/notes/issue9-forward.md and benchmarks/step_breakdown.py).
 """
 from __future__ import annotations
 
