@@ -87,3 +87,24 @@ def load_shared(path: Path) -> ctypes.CDLL:
         return ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
         raise KernelBuildError(f"loading {path} failed: {e}") from e
+
+
+def build_and_register(source: Path, flags: Sequence[str], required_cpu_flags: Sequence[str], symbol: str,
+                       target: str) -> tuple[bool, str]:
+    """(available, why not): checks the CPU, builds `source`, and registers its handler `symbol` with XLA
+    as the CPU FFI target `target`. Each kernel module calls this once (behind an lru_cache)."""
+    import jax
+
+    missing = [f for f in required_cpu_flags if f not in cpu_flags()]
+    if missing:
+        return False, f"this CPU lacks {', '.join(missing)}"
+    try:
+        lib = load_shared(build_shared(source, flags))
+    except KernelBuildError as e:
+        return False, str(e)
+    try:
+        handler = getattr(lib, symbol)
+    except AttributeError as e:
+        return False, f"the built kernel lacks its handler symbol: {e}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    return True, ""

@@ -27,22 +27,9 @@ Q_TILE = 32  # query rows per work item: K/V blocks are read once per tile (and 
 @functools.lru_cache(maxsize=1)
 def kernel_status() -> tuple[bool, str]:
     """(available, why not): builds the kernel at first call and registers it with XLA."""
-    import jax
-    from aphrodite_jax.kernels.cpu.build import KernelBuildError, build_shared, cpu_flags, load_shared
+    from aphrodite_jax.kernels.cpu.build import build_and_register
 
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if missing:
-        return False, f"this CPU lacks {', '.join(missing)}"
-    try:
-        lib = load_shared(build_shared(SOURCE, CXX_FLAGS))
-    except KernelBuildError as e:
-        return False, str(e)
-    try:
-        handler = lib.AjPagedAttention
-    except AttributeError as e:
-        return False, f"the built kernel lacks its handler symbol: {e}"
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    return True, ""
+    return build_and_register(SOURCE, CXX_FLAGS, REQUIRED_CPU_FLAGS, "AjPagedAttention", TARGET)
 
 
 def supports(head_dim: int, num_q_heads: int, num_kv_heads: int, cache_dtype) -> bool:
