@@ -80,6 +80,7 @@ def _own_source() -> str:
 def environment() -> dict[str, Any]:
     """What outside the engine's own config decides the compiled code."""
     import jaxlib
+    from aphrodite_jax.kernels.cpu.build import REGISTERED_TARGETS
 
     try:
         import flax
@@ -96,6 +97,9 @@ def environment() -> dict[str, Any]:
         "devices": [(d.id, d.device_kind, d.process_index) for d in devices],
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
         "jax_options": options,
+        # An executable compiled with a C++ kernel calls it by name: where the kernel did not build (no
+        # compiler, another CPU), the pure-JAX fallback's executables must be a different entry.
+        "ffi_targets": sorted(REGISTERED_TARGETS),
     }
 
 

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 logger = logging.getLogger(__name__)
 
 CACHE_ENV_DEFAULT = "~/.cache/aphrodite_jax/kernels"
+REGISTERED_TARGETS: set[str] = set()  # FFI targets this process registered: part of the executable cache's key
 
 
 class KernelBuildError(RuntimeError):
@@ -107,4 +108,5 @@ def build_and_register(source: Path, flags: Sequence[str], required_cpu_flags: S
     except AttributeError as e:
         return False, f"the built kernel lacks its handler symbol: {e}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    REGISTERED_TARGETS.add(target)
     return True, ""
