@@ -36,7 +36,8 @@ class ModelConfig:
     revision: Optional[str] = None
     # Only for load_format="dummy": a config.json path/dict or an HF hub id already cached.
     hf_overrides: dict[str, Any] = field(default_factory=dict)
-    # "int8": per-channel int8 matmul weights (CPU: an AVX-512 VNNI kernel; TPU/GPU: XLA weight-only int8).
+    # "int8": 8-bit block weights for the matmuls (layers/quantization.py; CPU: an AVX-512 VNNI kernel;
+    # TPU/GPU: XLA weight-only int8).
     quantization: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -162,7 +162,7 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
     (("--max-num-batched-tokens",), int, "most tokens per step (default: from max-model-len)"),
     (("--preemption-mode",), {"choices": ("recompute", "swap")}, "how to preempt (default: recompute)"),
     (("-q", "--quantization"), {"choices": QUANTIZATIONS},
-     "int8: per-channel int8 matmul weights (CPU: AVX-512 VNNI kernel built at first use; TPU/GPU: "
+     "int8: 8-bit block weights for the matmuls (CPU: AVX-512 VNNI kernel built at first use; TPU/GPU: "
      "XLA weight-only int8); default: none"),
     (("--compilation-cache-dir",), str,
      "start-up cache folder: XLA compilations, compiled step executables, parsed GGUF headers "

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aphrodite_jax.config import QUANTIZATIONS
 from aphrodite_jax.kernels.cpu import int8_matmul as kern
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("int8",)
 MODES = ("cpu_kernel", "xla")
 
 
@@ -75,7 +75,6 @@ class Int8Weight(nnx.Module):
             w = w.reshape(nb * kern.QB, self.n)[:self.k]  # [K, N]
             y = jnp.einsum("mk,kn->mn", x2, w, preferred_element_type=jnp.float32)
         return y.astype(out_dtype).reshape(*lead, self.n)
-
 
     def silu_mul(self, gu: jax.Array) -> jax.Array:
         """(silu(gate) * up) @ W for gu [T, 2K] = gate | up -> [T, N]: the MLP's down projection; the CPU

@@ -244,7 +244,10 @@ class ExecutableCache:
             self.hits += 1
             return fn
         self.misses += 1
-        fn, storable = _compile(jitted.lower(*args, **static))
+        return self._compile_and_store(jitted.lower(*args, **static), path)
+
+    def _compile_and_store(self, lowered: Any, path: Optional[str]) -> Any:
+        fn, storable = _compile(lowered)
         if storable:
             self.store(path, fn)
         return fn
@@ -273,18 +276,11 @@ class ExecutableCache:
             if not todo:
                 return
             self.misses += len(todo)
-
-            def finish(lowered, path):
-                fn, storable = _compile(lowered)
-                if storable:
-                    self.store(path, fn)
-                return fn
-
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futures: dict[Any, CompileJob] = {}
                 for job, path in todo:
                     lowered = job.jitted.lower(*job.args, **job.static)
-                    futures[pool.submit(finish, lowered, path)] = job
+                    futures[pool.submit(self._compile_and_store, lowered, path)] = job
                 for fut in as_completed(futures):
                     job = futures[fut]
                     job.sink[job.key] = fut.result()

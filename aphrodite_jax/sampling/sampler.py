@@ -111,11 +111,6 @@ def max_and_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return m, jnp.minimum(ids, v - 1).astype(jnp.int32)
 
 
-def fast_argmax(x: jax.Array) -> jax.Array:
-    """argmax over the last axis, first index on ties, as jnp.argmax, for f32[B, V] (see max_and_argmax)."""
-    return max_and_argmax(x)[1]
-
-
 def _blocked_draw(probs: jax.Array, unif: jax.Array, block: int = 128) -> jax.Array:
     """Inverse-CDF draw: the first id whose cumulative probability reaches u = (1 - unif) * total, for
     probs f32[B, V] and unif f32[B] in [0, 1), so u is in (0, total]. Two levels (per-block sums, then one block), because a cumsum over

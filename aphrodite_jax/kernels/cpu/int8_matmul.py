@@ -10,12 +10,9 @@ says whether it can run here (it needs a C++ compiler and a CPU with AVX-512 VNN
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 TARGET = "aphrodite_int8_matmul"
 QB = 32  # activation block along K; must match int8_matmul.cc
@@ -111,12 +108,9 @@ def pack_blocks4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool = False
 def half_scales_exact(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray) -> bool:
     """Whether 4-bit blocks (on_4bit_grid) with f16 scales (17 d, m) give back w exactly, as they do for a
     GGUF Q4_1 tensor (stored with f16 d and m): then pack_blocks4(..., half=True) loses nothing."""
-    k, n = w.shape
-    nb = d.shape[0]
     d16 = (d * np.float32(17.0)).astype(np.float16).astype(np.float32)  # [nb, N]
     m16 = m.astype(np.float16).astype(np.float32)
-    i = (q // 17).astype(np.float32).reshape(nb, QB, n)
-    back = (i * d16[:, None] + m16[:, None]).reshape(nb * QB, n)[:k]
+    back = dequantize_blocks(q // 17, d16, m16, w.shape[0])  # [K, N]
     return bool(np.array_equal(back, np.asarray(w, np.float32)))
 
 
