@@ -1,7 +1,7 @@
 """Compile a C++ XLA FFI kernel at first use into a cache folder keyed by its source and flags.
 
 Why at first use: pip installs stay pure Python, and the flags can target the CPU we run on. The shared
-object is named by a hash of (source, compiler, flags, XLA FFI headers), so an edit or a jaxlib upgrade
+object is named by a hash of (source, the headers beside it, compiler, flags, XLA FFI headers), so an edit or a jaxlib upgrade
 builds a fresh one and a stale one is never loaded. The build writes to a temporary name and renames, so
 two processes building at once both end with a whole file.
 """
@@ -59,9 +59,11 @@ def build_shared(source: Path, flags: Sequence[str]) -> Path:
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (set CXX or install g++) to build " + source.name)
     include = jax.ffi.include_dir()
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", *flags, f"-I{include}"]
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", *flags, f"-I{include}", f"-I{source.parent}"]
     h = hashlib.sha256()
     h.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # the kernels' shared headers (spin_wait.h)
+        h.update(header.name.encode() + b"\0" + header.read_bytes())
     h.update(" ".join(cmd).encode())
     h.update(Path(include, "xla", "ffi", "api", "c_api.h").read_bytes())
     out = cache_dir() / f"{source.stem}-{h.hexdigest()[:16]}.so"

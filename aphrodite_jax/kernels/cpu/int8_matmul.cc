@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "spin_wait.h"
 
 namespace ffi = xla::ffi;
 
@@ -73,14 +74,7 @@ struct Scratch {
   std::vector<float> s, m;
 };
 
-// Spin briefly, then yield: on a loaded machine the thread we wait for may need this core.
-template <typename Pred>
-inline void wait_until(Pred done) {
-  for (int spins = 0; !done(); ++spins) {
-    if (spins < 2000) _mm_pause();
-    else std::this_thread::yield();
-  }
-}
+using aphrodite_cpu::wait_until;
 
 // MT tokens x G groups of 16 outputs, starting at output group g0 and token m0. R: residual mode, the
 // activation is q + q2 / 254 in units of the block scale (two s8 planes, two vpdpbusd per weight load).

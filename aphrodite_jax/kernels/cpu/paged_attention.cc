@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "spin_wait.h"
 
 namespace ffi = xla::ffi;
 
@@ -474,11 +475,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   const int64_t helpers = std::min<int64_t>(threads, (int64_t)j.items.size()) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job]() { run_items(*job); });
   run_items(j);
-  // Wait for the items the helpers took (yielding: on a loaded machine a helper may need this core).
-  for (int spins = 0; j.done.load(std::memory_order_acquire) < (int64_t)j.items.size(); ++spins) {
-    if (spins < 2000) _mm_pause();
-    else std::this_thread::yield();
-  }
+  // Wait for the items the helpers took.
+  aphrodite_cpu::wait_until([&] { return j.done.load(std::memory_order_acquire) >= (int64_t)j.items.size(); });
   return ffi::Error::Success();
 }
 
