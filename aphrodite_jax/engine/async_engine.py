@@ -236,19 +236,27 @@ class AsyncLLMEngine:
         logger.error("engine step failed (%d in a row), failing its %d request(s): %r",
                      self.consecutive_failures, len(ids), exc, exc_info=exc)
         err = EngineStepError(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
-        self._fail(ids, err)
         healthy = getattr(self.engine, "is_healthy", lambda: True)()
         if healthy and self.consecutive_failures < MAX_CONSECUTIVE_FAILURES:
+            self._fail(ids, err)
             return True
         why = ("the device state was lost" if not healthy
                else f"{self.consecutive_failures} steps failed in a row")
-        self._die(RuntimeError(f"{why}; last error: {type(exc).__name__}: {exc}"))
+        # Dead before the step's own requests hear of their failure: a client answered by it must already
+        # see a dead engine (is_running False, /health 503), not race the rest of the shutdown.
+        self.dead = death = RuntimeError(f"{why}; last error: {type(exc).__name__}: {exc}")
+        self._fail(ids, err)
+        self._after_death(death)
         return False
 
     def _die(self, exc: BaseException) -> None:
         if self.dead is not None:
             return
         self.dead = exc
+        self._after_death(exc)
+
+    def _after_death(self, exc: BaseException) -> None:
+        """Fail every other request and run the on_dead callbacks (self.dead is already set)."""
         logger.critical("the engine is dead (%s); failing every request", exc)
         self._fail_all(EngineDeadError(f"the engine is dead: {exc}"))
         for callback in list(self.on_dead):
