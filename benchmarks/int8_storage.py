@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
     import jax
-    from aphrodite_jax.kernels.cpu import int8_matmul as K
+    from pallas_kernels import int8_matmul as K
 
     ok, why = K.kernel_status()
     if not ok:

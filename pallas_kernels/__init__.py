@@ -16,7 +16,7 @@ Layout and conventions (shared by every implementation):
 - sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
 
 `impl="auto"` picks the Pallas TPU kernel on TPU, `cpu.py` on CPU (the C++ FFI kernel
-aphrodite_jax/kernels/cpu/paged_attention.cc where it builds and fits, else pure JAX laid out for XLA's CPU
+pallas_kernels/native/paged_attention.cc where it builds and fits, else pure JAX laid out for XLA's CPU
 backend; `impl="cpu_jax"` forces that pure-JAX path), and the pure-JAX reference elsewhere; `impl="reference"` is the oracle the others are tested against; `impl="tpu"` forces the
 TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do);
 `impl="gpu"` the Pallas Triton kernel (`interpret=True` runs it on CPU). "auto" never picks "gpu" yet: it is

@@ -1,7 +1,7 @@
 """Ragged paged attention for the CPU (what impl="auto" runs on CPU).
 
 Where it builds and fits (fp32 cache, head_dim 64/128/256), the whole call is the C++ XLA FFI kernel
-aphrodite_jax/kernels/cpu/paged_attention.cc: it writes this step's K/V in place and reads K/V pages in
+pallas_kernels/native/paged_attention.cc: it writes this step's K/V in place and reads K/V pages in
 place through the page table (benchmarks/step_breakdown.py --ab cpu_jax,cpu compares it with the code below).
 Otherwise (or with impl="cpu_jax") it is the pure-JAX code below, with the same contract and the same two
 parts as reference.py (the oracle the tests compare this against): this step's own tokens attend to each other
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from pallas_kernels.reference import (MASK_VALUE, _in_step_attention, _online_update, context_and_merge,
                                       token_layout, write_kv)
 
-from aphrodite_jax.kernels.cpu import paged_attention as paged_kernel
+from pallas_kernels import cpu_paged_attention as paged_kernel
 
 CONTEXT_PAGES_PER_BLOCK = 4  # cached-context pages per loop iteration (measured: 8 was slower at ctx 64)
 

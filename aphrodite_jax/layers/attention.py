@@ -67,7 +67,7 @@ class PagedAttention(nnx.Module):
         if jax.default_backend() == "cpu":
             # Build and register the C++ attention kernel now: a step loaded from the executable cache
             # is never traced, yet calls it by name.
-            from aphrodite_jax.kernels.cpu.paged_attention import kernel_status
+            from pallas_kernels.cpu_paged_attention import kernel_status
             kernel_status()
         self.kv_repeat = self.kv_heads_stored // num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

@@ -1,7 +1,7 @@
 """`--quantization int8`: 8-bit block weights (w = d * q + m, q u8, per 32 inputs) behind the Linear interface.
 
 Two executions of the same stored numbers:
-- "cpu_kernel": the AVX-512 VNNI FFI kernel (aphrodite_jax/kernels/cpu), which also quantizes the
+- "cpu_kernel": the AVX-512 VNNI FFI kernel (pallas_kernels/native), which also quantizes the
   activations to int8 on the fly (blocks of 32 along K). The grid holds GGUF Q4_1 blocks exactly. Why: XLA's CPU backend runs int8 and bf16 dots
   several times slower than fp32, and at batch 1 the step is bound by reading fp32 weights.
 - "xla": weight-only, y = x @ (d * q + m) dequantized inside the jitted step; the ordinary path on TPU/GPU
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aphrodite_jax.config import QUANTIZATIONS
-from aphrodite_jax.kernels.cpu import int8_matmul as kern
+from pallas_kernels import int8_matmul as kern
 
 logger = logging.getLogger(__name__)
 

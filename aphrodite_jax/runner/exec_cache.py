@@ -80,7 +80,7 @@ def _own_source() -> str:
 def environment() -> dict[str, Any]:
     """What outside the engine's own config decides the compiled code."""
     import jaxlib
-    from aphrodite_jax.kernels.cpu.build import REGISTERED_TARGETS
+    from pallas_kernels.native.build import REGISTERED_TARGETS
 
     try:
         import flax

@@ -1,4 +1,4 @@
-"""The C++ CPU paged-attention kernel (aphrodite_jax/kernels/cpu/paged_attention.cc, what impl="cpu" runs
+"""The C++ CPU paged-attention kernel (pallas_kernels/native/paged_attention.cc, what impl="cpu" runs
 where it builds) against the dense float64 oracle and the pure-JAX reference, on ragged batches with the
 model's head size: decode rows, fresh prefills longer than one query tile, chunks after cached context,
 GQA groups, odd lengths, page boundaries, padding sequences and padding rows."""
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from aphrodite_jax.kernels.cpu import paged_attention as K
+from pallas_kernels import cpu_paged_attention as K
 from pallas_kernels import ragged_paged_attention
 from rpa_cases import dense_attention, expected_cache, make_batch, random_seqs
 

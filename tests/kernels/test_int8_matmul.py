@@ -1,4 +1,4 @@
-"""The CPU int8 FFI kernel (aphrodite_jax/kernels/cpu) against its NumPy model, and the block quantizer.
+"""The CPU int8 FFI kernel (pallas_kernels/native) against its NumPy model, and the block quantizer.
 
 The kernel quantizes activations per block of 32 exactly like `reference_int8_matmul`, so the two agree to
 float rounding; a second check bounds the distance to the plain fp32 product (what quantization costs).
@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from aphrodite_jax.kernels.cpu import int8_matmul as K
+from pallas_kernels import int8_matmul as K
 from aphrodite_jax.layers.quantization import Int8Weight
 
 AVAILABLE, WHY = K.kernel_status()

@@ -9,7 +9,7 @@ Two measures, printed for the notes:
 import pytest
 
 from aphrodite_jax import SamplingParams
-from aphrodite_jax.kernels.cpu.int8_matmul import kernel_status
+from pallas_kernels.int8_matmul import kernel_status
 
 pytestmark = pytest.mark.slow
 

@@ -111,7 +111,7 @@ def test_source_edit_context_or_environment_invalidates(tmp_path, src, monkeypat
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true")
     assert _cache(tmp_path, src).fingerprint != edited.fingerprint
     monkeypatch.delenv("XLA_FLAGS")
-    from aphrodite_jax.kernels.cpu import build
+    from pallas_kernels.native import build
 
     # A C++ kernel that built here and not there (or the reverse) gives other executables.
     targets, now = build.REGISTERED_TARGETS, _cache(tmp_path, src).fingerprint

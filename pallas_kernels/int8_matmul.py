@@ -19,13 +19,13 @@ QB = 32  # activation block along K; must match int8_matmul.cc
 NGROUP = 16  # outputs per 64-byte weight load
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 CXX_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
-SOURCE = Path(__file__).with_name("int8_matmul.cc")
+SOURCE = Path(__file__).with_name("native") / "int8_matmul.cc"
 
 
 @functools.lru_cache(maxsize=1)
 def kernel_status() -> tuple[bool, str]:
     """(available, why not): builds the kernel at first call and registers it with XLA."""
-    from aphrodite_jax.kernels.cpu.build import build_and_register
+    from pallas_kernels.native.build import build_and_register
 
     return build_and_register(SOURCE, CXX_FLAGS, REQUIRED_CPU_FLAGS, "AjInt8Matmul", TARGET)
 

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 TARGET = "aphrodite_paged_attention"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512dq")
 CXX_FLAGS = ("-mavx512f", "-mavx512dq", "-mfma")
-SOURCE = Path(__file__).with_name("paged_attention.cc")
+SOURCE = Path(__file__).with_name("native") / "paged_attention.cc"
 HEAD_DIMS = (64, 128, 256)  # the head sizes the kernel is instantiated for
 Q_TILE = 32  # query rows per work item: K/V blocks are read once per tile (and per KV head)
 
@@ -27,7 +27,7 @@ Q_TILE = 32  # query rows per work item: K/V blocks are read once per tile (and 
 @functools.lru_cache(maxsize=1)
 def kernel_status() -> tuple[bool, str]:
     """(available, why not): builds the kernel at first call and registers it with XLA."""
-    from aphrodite_jax.kernels.cpu.build import build_and_register
+    from pallas_kernels.native.build import build_and_register
 
     return build_and_register(SOURCE, CXX_FLAGS, REQUIRED_CPU_FLAGS, "AjPagedAttention", TARGET)
 
