@@ -1,7 +1,8 @@
-"""The built-in sampler steps (spec section 3.2): penalties, top-p/top-k, min-p (temperature with
-dynamic temperature lives in filters_extra.py).
+"""Built-in sampler steps: penalties, top-p/top-k, min-p (temperature with dynamic temperature lives
+in filters_extra.py).
 
-Each is a pure function (logits f32[B, V], params {name: [B]}, md) -> f32[B, V], registered by name.
+Each is a pure function (logits f32[B, V], params {name: [B]}, md) -> f32[B, V], made a SamplerStep by
+`sampler_step`; builtin.py lists them for the registry.
 Greedy rows carry neutral values (temperature 1, no truncation), as Aphrodite resets them.
 """
 from __future__ import annotations
@@ -10,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aphrodite_jax.sampling.registry import register_sampler
+from aphrodite_jax.sampling.step import sampler_step
 
 _EPS = 1e-5
-_TEMPERATURE_MIN = 2e-5
 NEG_INF = -jnp.inf
 
 
@@ -32,7 +32,7 @@ def history_parts(md):
     return h, is_out
 
 
-@register_sampler(
+@sampler_step(
     "penalties",
     fields={"repetition_penalty": (1.0, np.float32), "frequency_penalty": (0.0, np.float32),
             "presence_penalty": (0.0, np.float32), "repetition_penalty_range": (0, np.int32),
@@ -42,7 +42,7 @@ def history_parts(md):
 )
 def penalties(logits, p, md):
     """Repetition over prompt+output (optionally a window of the last tokens, its older half with a
-    reduced penalty), then frequency and presence over output tokens (spec 3.2).
+    reduced penalty), then frequency and presence over output tokens.
 
     The token history comes as a right-aligned id array (md.history_ids [B, H], the output being its
     last md.output_len entries); the [B, V] counts are built here on device with a scatter-add, so the
@@ -103,8 +103,8 @@ def _top_p_top_k_host(sp):
     return {"top_p": sp.top_p, "top_k": -1 if sp.top_k is None or sp.top_k <= 0 else sp.top_k}
 
 
-@register_sampler("top_p_top_k", fields={"top_p": (1.0, np.float32), "top_k": (-1, np.int32)},
-                  active=lambda p: (p["top_p"] < 1.0 - _EPS) | (p["top_k"] > 0), host=_top_p_top_k_host)
+@sampler_step("top_p_top_k", fields={"top_p": (1.0, np.float32), "top_k": (-1, np.int32)},
+              active=lambda p: (p["top_p"] < 1.0 - _EPS) | (p["top_k"] > 0), host=_top_p_top_k_host)
 def top_p_top_k(logits, p, md):
     """Top-k (keep l >= the k-th largest, ties survive), then top-p on the renormalized remainder.
 
@@ -134,12 +134,9 @@ def top_p_top_k(logits, p, md):
     return jax.lax.cond(jnp.any(top_p < 1.0 - _EPS), top_p_cut, lambda lg: lg, logits)
 
 
-@register_sampler("min_p", fields={"min_p": (0.0, np.float32)}, active=lambda p: p["min_p"] > _EPS)
+@sampler_step("min_p", fields={"min_p": (0.0, np.float32)}, active=lambda p: p["min_p"] > _EPS)
 def min_p(logits, p, md):
     """Removes tokens with p_i < min_p * max_j p_j, i.e. l_i - max l < log(min_p)."""
     rel = logits - jnp.max(logits, axis=-1, keepdims=True)  # [B, V], <= 0
     return jnp.where(rel < jnp.log(p["min_p"])[:, None], NEG_INF, logits)
 
-
-from aphrodite_jax.sampling import filters_extra as _extra  # noqa: E402,F401  (registers more steps)
-from aphrodite_jax.sampling import filters_history as _history  # noqa: E402,F401  (DRY, n-gram, Mirostat)

@@ -1,12 +1,12 @@
-"""More sampler steps (spec section 3.2): dynamic temperature, top-nsigma, top-a, TFS, eta and epsilon
-cutoff, typical-p, quadratic smoothing, XTC and skew.
+"""More built-in sampler steps: dynamic temperature, top-nsigma, top-a, TFS, eta and epsilon cutoff,
+typical-p, quadratic smoothing, XTC and skew.
 
-Each is a pure function (logits f32[B, V], params {name: [B]}, md) -> f32[B, V], registered by name;
-the registry runs them in the spec's default order (registry.DEFAULT_ORDER), skew last (post-softmax).
-Decisions (design.md): eta/epsilon are in units of 1e-4; typical-p keeps the token that crosses the
-threshold (HF); top-nsigma's sigma is taken over the finite logits (the spec's NaN edge is a defect).
-XTC's coin comes from the row's key (fold_in(PRNGKey(seed), output_index), then a constant), so a
-seeded request is reproducible and the coin is independent of the token draw.
+Each is a pure function (logits f32[B, V], params {name: [B]}, md) -> f32[B, V], made a SamplerStep by
+`sampler_step`; builtin.py lists them in the default order, skew last (post-softmax).
+eta/epsilon are in units of 1e-4 (docs/decisions.md D2); typical-p keeps the token that crosses the
+threshold (D6); top-nsigma's sigma is taken over the finite logits (D28). XTC's coin comes from the
+row's key (fold_in(PRNGKey(seed), output_index), then a constant), so a seeded request is reproducible
+and the coin is independent of the token draw.
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aphrodite_jax.sampling import filters as _f
-from aphrodite_jax.sampling.registry import register_sampler
+from aphrodite_jax.sampling.filters import largest_threshold
+from aphrodite_jax.sampling.step import sampler_step
 
 _EPS = 1e-5
+_TEMPERATURE_MIN = 2e-5  # the floor of a sampling temperature (and of a NaN dynamic one)
 NEG_INF = -jnp.inf
-_CUTOFF_UNIT = 1e-4  # eta_cutoff / epsilon_cutoff units (design decision 2)
+_CUTOFF_UNIT = 1e-4  # eta_cutoff / epsilon_cutoff units (docs/decisions.md D2)
 _XTC_SALT = 0x58544331  # "XTC1": folded into the row key for XTC's coin
 
 
@@ -45,7 +46,7 @@ def _dynatemp_on(p):
     return (abs(p["dynatemp_min"]) > _EPS) | (abs(p["dynatemp_max"]) > _EPS)
 
 
-@register_sampler(
+@sampler_step(
     "temperature",
     fields={"temperature": (1.0, np.float32), "dynatemp_min": (0.0, np.float32),
             "dynatemp_max": (0.0, np.float32), "dynatemp_exponent": (1.0, np.float32)},
@@ -57,14 +58,14 @@ def temperature(logits, p, md):
     ratio = _entropy(logits) / jnp.log(n_fin)  # [B]; 0/0 = NaN for one finite token
     lo, hi = p["dynatemp_min"], p["dynatemp_max"]
     t_dyn = lo + (hi - lo) * jnp.power(ratio, p["dynatemp_exponent"])
-    t_dyn = jnp.where(jnp.isnan(t_dyn), _f._TEMPERATURE_MIN, t_dyn)
+    t_dyn = jnp.where(jnp.isnan(t_dyn), _TEMPERATURE_MIN, t_dyn)
     t = jnp.where(_dynatemp_on(p), t_dyn, p["temperature"])
-    t = jnp.maximum(t, _f._TEMPERATURE_MIN)[:, None]  # [B, 1]
+    t = jnp.maximum(t, _TEMPERATURE_MIN)[:, None]  # [B, 1]
     return (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
 
 
 # --- top-nsigma ----------------------------------------------------------------------------
-@register_sampler("top_nsigma", fields={"nsigma": (0.0, np.float32)}, active=lambda p: p["nsigma"] > _EPS)
+@sampler_step("top_nsigma", fields={"nsigma": (0.0, np.float32)}, active=lambda p: p["nsigma"] > _EPS)
 def top_nsigma(logits, p, md):
     """Removes l_i < max l - nsigma * std(l), std unbiased over the finite logits."""
     fin = logits > NEG_INF
@@ -76,7 +77,7 @@ def top_nsigma(logits, p, md):
 
 
 # --- top-a ---------------------------------------------------------------------------------
-@register_sampler("top_a", fields={"top_a": (0.0, np.float32)}, active=lambda p: p["top_a"] > 0.0)
+@sampler_step("top_a", fields={"top_a": (0.0, np.float32)}, active=lambda p: p["top_a"] > 0.0)
 def top_a(logits, p, md):
     """Removes p_i < a * (max p)^2, never the most likely token (a > 1 / max p would empty the row)."""
     probs = _probs(logits)
@@ -97,9 +98,9 @@ def _tfs_remove_sorted(s, z):
     return jnp.concatenate([jnp.zeros((b, 1), bool), c > z[:, None], jnp.ones((b, 1), bool)], axis=-1)
 
 
-@register_sampler("tfs", fields={"tfs": (1.0, np.float32)}, active=lambda p: p["tfs"] < 1.0 - _EPS)
+@sampler_step("tfs", fields={"tfs": (1.0, np.float32)}, active=lambda p: p["tfs"] < 1.0 - _EPS)
 def tfs(logits, p, md):
-    """Tail-free sampling (spec 3.2) on the probabilities sorted descending; position V-1 is removed.
+    """Tail-free sampling on the probabilities sorted descending; position V-1 is removed.
 
     A vocabulary sort costs ~0.5-1 s per step at B=32, V=49152 on CPU, so when every TFS row has at
     most _TFS_CANDIDATES - 2 tokens left (the usual case: TFS runs after top-k / top-p / min-p), the
@@ -136,24 +137,24 @@ def _cutoff(logits, eps):
     return jnp.where((probs < eps[:, None]) & ~keep_top, NEG_INF, logits)
 
 
-@register_sampler("eta_cutoff", fields={"eta_cutoff": (0.0, np.float32)},
-                  active=lambda p: p["eta_cutoff"] > _EPS)
+@sampler_step("eta_cutoff", fields={"eta_cutoff": (0.0, np.float32)},
+              active=lambda p: p["eta_cutoff"] > _EPS)
 def eta_cutoff(logits, p, md):
     """eps = min(eta, sqrt(eta) * exp(-H)), eta in units of 1e-4."""
     eta = p["eta_cutoff"] * _CUTOFF_UNIT
     return _cutoff(logits, jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-_entropy(logits))))
 
 
-@register_sampler("epsilon_cutoff", fields={"epsilon_cutoff": (0.0, np.float32)},
-                  active=lambda p: p["epsilon_cutoff"] > _EPS)
+@sampler_step("epsilon_cutoff", fields={"epsilon_cutoff": (0.0, np.float32)},
+              active=lambda p: p["epsilon_cutoff"] > _EPS)
 def epsilon_cutoff(logits, p, md):
     """Removes p_i < epsilon (units of 1e-4) except the argmax."""
     return _cutoff(logits, p["epsilon_cutoff"] * _CUTOFF_UNIT)
 
 
 # --- locally typical -----------------------------------------------------------------------
-@register_sampler("typical_p", fields={"typical_p": (1.0, np.float32)},
-                  active=lambda p: p["typical_p"] < 1.0 - _EPS)
+@sampler_step("typical_p", fields={"typical_p": (1.0, np.float32)},
+              active=lambda p: p["typical_p"] < 1.0 - _EPS)
 def typical_p(logits, p, md):
     """HF: delta_i = |-ln p_i - H|; sort by delta ascending, accumulate p; keep the tokens up to and
     including the first whose cumulative mass reaches tau (ties in delta survive)."""
@@ -163,14 +164,14 @@ def typical_p(logits, p, md):
     # -delta (no vocab sort, as top-p). Target min(tau, total) keeps all when f32 mass stays < tau.
     probs = jnp.exp(lp)
     target = jnp.minimum(p["typical_p"], jnp.sum(probs, axis=-1))
-    neg_thr = _f.largest_threshold(-delta, probs, target)  # [B, 1]
+    neg_thr = largest_threshold(-delta, probs, target)  # [B, 1]
     return jnp.where(-delta < neg_thr, NEG_INF, logits)
 
 
 # --- quadratic / cubic smoothing -----------------------------------------------------------
-@register_sampler("quadratic", fields={"smoothing_factor": (0.0, np.float32),
-                                       "smoothing_curve": (1.0, np.float32)},
-                  active=lambda p: p["smoothing_factor"] > _EPS)
+@sampler_step("quadratic", fields={"smoothing_factor": (0.0, np.float32),
+                                   "smoothing_curve": (1.0, np.float32)},
+              active=lambda p: p["smoothing_factor"] > _EPS)
 def quadratic(logits, p, md):
     """l' = M - k d^2 + s d^3, d = l - M, k = f (3 - c) / 2, s = f (c - 1) / 2; -inf stays -inf."""
     f, c = p["smoothing_factor"][:, None], p["smoothing_curve"][:, None]
@@ -191,8 +192,8 @@ def xtc_coins(md) -> jax.Array:
     return jax.vmap(one)(md.key_data, md.output_index)
 
 
-@register_sampler("xtc", fields={"xtc_threshold": (0.1, np.float32), "xtc_probability": (0.0, np.float32)},
-                  active=lambda p: p["xtc_probability"] > _EPS)
+@sampler_step("xtc", fields={"xtc_threshold": (0.1, np.float32), "xtc_probability": (0.0, np.float32)},
+              active=lambda p: p["xtc_probability"] > _EPS)
 def xtc(logits, p, md):
     """With probability pi: if m = #{tokens other than the top with p >= theta} > 0, remove the top m,
     i.e. every token more likely than the least likely one with p >= theta."""
@@ -205,7 +206,7 @@ def xtc(logits, p, md):
 
 
 # --- skew (post-softmax) ------------------------------------------------------------------
-@register_sampler("skew", fields={"skew": (0.0, np.float32)}, active=lambda p: p["skew"] > _EPS)
+@sampler_step("skew", fields={"skew": (0.0, np.float32)}, active=lambda p: p["skew"] > _EPS)
 def skew(logits, p, md):
     """F = cumsum(p) in token-id order, F' = F^exp(skew), p' = diff(F'), l = ln p'."""
     cdf = jnp.clip(jnp.cumsum(_probs(logits), axis=-1), 0.0, 1.0)

@@ -5,10 +5,10 @@ H - 1, padding on the left; `md.history_len` [B] valid entries). Matching runs a
 match offsets, each pass one [B, H] comparison, so the cost is O(B * H * max n-gram) with no [B, H, H]
 intermediate.
 
-Decisions (design.md): no-repeat-ngram covers prompt + output (decision 4); DRY penalises a candidate
-only when its match length reaches dry_allowed_length (decision 5, the original definition).
-Mirostat v2 follows v0.5.3: it runs after the chain (its state mu is per sequence, kept by the engine
-and updated from the logprob of the drawn token, which comes from this truncated distribution).
+No-repeat-ngram covers prompt + output (docs/decisions.md D4); DRY penalises a candidate only when its
+match length reaches dry_allowed_length (D5, the original definition). Mirostat v2 follows v0.5.3
+(D28): it runs after the chain (its state mu is per sequence, kept by the engine and updated from the
+logprob of the drawn token, which comes from this truncated distribution).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aphrodite_jax.sampling.registry import register_sampler
+from aphrodite_jax.sampling.step import sampler_step
 
 NEG_INF = -jnp.inf
 _EPS = 1e-5
@@ -34,8 +34,8 @@ def _pad_left(x: jax.Array, value) -> jax.Array:
 
 
 # --- no-repeat-ngram ------------------------------------------------------------------------
-@register_sampler("no_repeat_ngram", fields={"no_repeat_ngram_size": (0, np.int32)},
-                  active=lambda p: p["no_repeat_ngram_size"] > 0)
+@sampler_step("no_repeat_ngram", fields={"no_repeat_ngram_size": (0, np.int32)},
+              active=lambda p: p["no_repeat_ngram_size"] > 0)
 def no_repeat_ngram(logits, p, md):
     """Bans every token t such that (last n-1 tokens, t) already occurs as an n-gram (HF semantics)."""
     b, v = logits.shape
@@ -60,7 +60,7 @@ def no_repeat_ngram(logits, p, md):
 
 
 # --- DRY --------------------------------------------------------------------------------------
-@register_sampler(
+@sampler_step(
     "dry",
     fields={"dry_multiplier": (0.0, np.float32), "dry_base": (1.75, np.float32),
             "dry_allowed_length": (2, np.int32), "dry_range": (0, np.int32),
@@ -68,7 +68,7 @@ def no_repeat_ngram(logits, p, md):
             "dry_early_exit_match_len": (8, np.int32)},
     active=lambda p: p["dry_multiplier"] > _EPS)
 def dry(logits, p, md):
-    """DRY (spec 3.2): for each earlier occurrence i of the last token (the last
+    """DRY: for each earlier occurrence i of the last token (the last
     dry_max_occurrences, newest first, stopping after one whose match reaches
     dry_early_exit_match_len), m = how many tokens before i match the tokens before the end (no
     breakers, at most dry_max_ngram); the token after i gets len = max(len, m + 1) when m > 0; then
@@ -114,9 +114,9 @@ def dry(logits, p, md):
 
 
 # --- Mirostat v2 ------------------------------------------------------------------------------
-@register_sampler("mirostat", fields={"mirostat_mode": (0, np.int32), "mirostat_mu": (0.0, np.float32)},
-                  active=lambda p: p["mirostat_mode"] == 2,
-                  host=lambda sp: {"mirostat_mode": sp.mirostat_mode, "mirostat_mu": 2.0 * sp.mirostat_tau})
+@sampler_step("mirostat", fields={"mirostat_mode": (0, np.int32), "mirostat_mu": (0.0, np.float32)},
+              active=lambda p: p["mirostat_mode"] == 2,
+              host=lambda sp: {"mirostat_mode": sp.mirostat_mode, "mirostat_mu": 2.0 * sp.mirostat_tau})
 def mirostat(logits, p, md):
     """Removes tokens whose surprise -log2 p exceeds the sequence's mu, never the most likely one."""
     surprise = -jax.nn.log_softmax(logits, axis=-1) / math.log(2.0)  # [B, V]

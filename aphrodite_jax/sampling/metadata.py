@@ -33,7 +33,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from aphrodite_jax.sampling import filters as _filters  # noqa: F401  (registers the built-in steps)
 from aphrodite_jax.sampling.registry import (all_fields, chain_steps, host_values,
                                              registered_steps, row_order)
 from aphrodite_jax.sampling_params import SamplingParams
@@ -98,7 +97,7 @@ def needs_history(sp: SamplingParams) -> bool:
 
 
 def _bans(sp: SamplingParams, output_len: int) -> list[int]:
-    """custom_token_bans, or (spec 3.1 step 4: they replace it) the token_ban_ranges open now."""
+    """custom_token_bans, or (they replace it, docs/decisions.md D27) the token_ban_ranges open now."""
     if sp.token_ban_ranges is None:
         return list(sp.custom_token_bans or ())
     return [t for tokens, start, length in sp.token_ban_ranges if start <= output_len < start + length

@@ -1,6 +1,7 @@
 """The sampler registry: each sampler step is a pure JAX function over [B, V] logits with per-row params.
 
-A researcher adds a sampler in one small file:
+It starts from the built-in steps that builtin.py lists (`BUILTIN_STEPS`); nothing registers itself as
+a side effect of an import. A researcher adds a sampler in one small file:
 
     @register_sampler("my_sampler", fields={"my_param": (0.0, np.float32)},
                       active=lambda p: p["my_param"] > 1e-5)
@@ -11,49 +12,35 @@ and, when the sampler becomes a SamplingParams field, removes it from
 `sampling_params.UNSUPPORTED_DEFAULTS`. The host fills `p[name]` from `getattr(params, name)` (or from
 `host(params)` when given); padded rows get the field's "off" value.
 
-Order: steps run in the spec's default order (section 3.1, `DEFAULT_ORDER`); a step whose name is not
-in it runs after the known ones, in registration order. Each row may reorder this chain with
-`sampler_priority` (step names or Aphrodite's SamplerIDs; a research step is placed by its name) or
-`temperature_last`; the TAIL steps (mirostat, then the post-softmax skew) always run last. Rows where a
-step is off are untouched (`jnp.where(active[:, None], new, old)`).
+Order: steps run in the default order (`DEFAULT_ORDER`, the order of builtin.py: docs/decisions.md D27);
+a step whose name is not in it runs after the known ones, in registration order. Each row may reorder
+this chain with `sampler_priority` (step names or Aphrodite's SamplerIDs; a research step is placed by
+its name) or `temperature_last` (D3); the TAIL steps (mirostat, then the post-softmax skew) always run
+last. Rows where a step is off are untouched (`jnp.where(active[:, None], new, old)`).
 
 Cost of an unused step: `apply_samplers` wraps each step in `lax.cond(jnp.any(active), ...)`, so a
 step that no row of the batch uses is a few [B]-sized reductions and a skipped branch, and a change of
-parameter values (orders included) never recompiles. A runner that wants the step gone from the program altogether can
-pass a static `only=frozenset(names)` (each distinct set then compiles once).
+parameter values (orders included) never recompiles. A runner that wants the step gone from the program
+altogether can pass a static `only=frozenset(names)` (each distinct set then compiles once).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Spec section 3.1, step 5 (Aphrodite's SamplerID order). Names not implemented yet keep their slot.
-DEFAULT_ORDER: tuple[str, ...] = (
-    "dry", "penalties", "no_repeat_ngram", "temperature", "top_nsigma", "top_p_top_k", "top_a",
-    "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p", "quadratic", "xtc",
-    "mirostat", "skew",  # TAIL: Mirostat v2 on the final chain output, then skew (post-softmax)
-)
-TAIL: tuple[str, ...] = ("mirostat", "skew")
+from aphrodite_jax.sampling.builtin import BUILTIN_STEPS, TAIL
+from aphrodite_jax.sampling.step import SamplerStep, StepFn, sampler_step
 
-StepFn = Callable[[jax.Array, dict, Any], jax.Array]
+__all__ = ["DEFAULT_ORDER", "TAIL", "SamplerStep", "register_sampler", "unregister_sampler",
+           "registered_steps"]
 
+# Aphrodite's SamplerID order for the chain, then the TAIL steps (docs/decisions.md D27).
+DEFAULT_ORDER: tuple[str, ...] = tuple(s.name for s in BUILTIN_STEPS)
 
-@dataclass(frozen=True)
-class SamplerStep:
-    """One registered sampler: its per-row fields (name -> (off value, numpy dtype)) and functions."""
-
-    name: str
-    fn: StepFn  # (logits [B, V], params {name: [B]}, md) -> logits [B, V]
-    fields: dict[str, tuple[Any, Any]]
-    active: Callable[[dict], jax.Array]  # params -> bool[B]; works on numpy or jax arrays
-    host: Optional[Callable[[Any], dict[str, Any]]] = None  # SamplingParams -> {field: value}
-
-
-_REGISTRY: dict[str, SamplerStep] = {}
+_REGISTRY: dict[str, SamplerStep] = {s.name: s for s in BUILTIN_STEPS}
 
 
 def register_sampler(name: str, *, fields: dict[str, tuple[Any, Any]], active: Callable[[dict], Any],
@@ -61,7 +48,7 @@ def register_sampler(name: str, *, fields: dict[str, tuple[Any, Any]], active: C
     """Decorator: registers `fn` as the sampler step `name` (replacing one of the same name)."""
 
     def deco(fn: StepFn) -> StepFn:
-        _REGISTRY[name] = SamplerStep(name, fn, dict(fields), active, host)
+        _REGISTRY[name] = sampler_step(name, fields=fields, active=active, host=host)(fn)
         return fn
 
     return deco

@@ -1,14 +1,14 @@
 """The on-device sampler: one jit-friendly function over the batch with per-row parameters.
 
-Pipeline (spec 3.1): logit_bias / bans / min_tokens stop-id bans (sparse, `md.bias_*`) ->
+Pipeline (docs/decisions.md D27): logit_bias / bans / min_tokens stop-id bans (sparse, `md.bias_*`) ->
 allowed_token_ids mask -> the registered sampler chain (registry.py, default order) ->
 logprobs = log_softmax(processed logits) -> greedy rows take the argmax, the others an inverse-CDF draw
 (one uniform per row against the cumulative probabilities; exactly the categorical distribution, and
 one random number per row instead of a Gumbel sample per vocabulary entry, which cost ~50 ms per
 step at B=32, V=49152 on CPU) with key fold_in(PRNGKey(seed), output_index).
 
-Returned logprobs are those of the final processed distribution, as the spec (2.6) says: truncated
-tokens are -inf there, and every returned value is clamped to >= -9999.0 (design decision 13).
+Returned logprobs are those of the final processed distribution (docs/decisions.md D30): truncated
+tokens are -inf there, and every returned value is clamped to >= -9999.0 (D13).
 Prompt logprobs (`prompt_logprobs`) are the raw model distribution's log_softmax.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PromptLogprobs(NamedTuple):
 
 
 def apply_logits_processors(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Spec 3.1 step 2-4: sparse logit bias and bans, then the allowed_token_ids mask."""
+    """Sparse logit bias and bans, then the allowed_token_ids mask (the chain's head, D27)."""
     b, v = logits.shape
     rows = jnp.arange(b)[:, None]  # [B, 1]
     # Behind a cond: the scatter writes a copy of the [B, V] logits (~1 ms at [32, 49152] on CPU), and
@@ -113,8 +113,9 @@ def max_and_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _blocked_draw(probs: jax.Array, unif: jax.Array, block: int = 128) -> jax.Array:
     """Inverse-CDF draw: the first id whose cumulative probability reaches u = (1 - unif) * total, for
-    probs f32[B, V] and unif f32[B] in [0, 1), so u is in (0, total]. Two levels (per-block sums, then one block), because a cumsum over
-    [32, 49152] costs ~14 ms on XLA CPU and the blocked one well under 1 ms. Never picks a zero-probability id."""
+    probs f32[B, V] and unif f32[B] in [0, 1), so u is in (0, total]. Two levels (per-block sums, then
+    one block), because a cumsum over [32, 49152] costs ~14 ms on XLA CPU and the blocked one well under
+    1 ms. Never picks a zero-probability id."""
     b, v = probs.shape
     pad = -v % block
     p = jnp.pad(probs, ((0, 0), (0, pad))).reshape(b, -1, block)  # [B, nb, W]
