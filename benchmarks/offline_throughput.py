@@ -97,7 +97,8 @@ def main() -> None:
             hf.append(run_hf(hf_model, prompts, args.output_len, args.hf_batch,
                              tok.pad_token_id if tok.pad_token_id is not None else 0))
         print(f"repeat {rep}: ours {ours[-1]:.1f} tok/s" + (f", HF {hf[-1]:.1f} tok/s" if hf else ""))
-    result = {"quantization": args.quantization, "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+    result = {"quantization": args.quantization, "num_prompts": args.num_prompts, "input_len": args.input_len,
+              "output_len": args.output_len,
               "ours_tok_s": round(statistics.median(ours), 1)}
     if hf:
         result["hf_tok_s"] = round(statistics.median(hf), 1)

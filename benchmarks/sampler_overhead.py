@@ -123,7 +123,8 @@ def main() -> None:
             print(f"repeat {rep} {name:10s} {n / dt:8.1f} output tok/s ({n} tokens, {dt:.2f} s)", flush=True)
     g, f = statistics.median(runs["greedy"]), statistics.median(runs["full_chain"])
     print(f"median greedy {g:.1f} tok/s, full chain {f:.1f} tok/s: cost {100 * (1 - f / g):.1f}%")
-    print(json.dumps({"preset": args.preset, "exclude": args.exclude, "greedy_tok_s": g, "full_chain_tok_s": f, "cost_pct": 100 * (1 - f / g),
+    print(json.dumps({"preset": args.preset, "exclude": args.exclude, "greedy_tok_s": g, "full_chain_tok_s": f,
+                      "cost_pct": 100 * (1 - f / g),
                       "batch": args.batch, "input_len": args.input_len, "output_len": args.output_len}))
 
 

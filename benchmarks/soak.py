@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import httpx
 
@@ -159,7 +159,8 @@ def _choices_text(chat: bool, choices: list) -> dict[int, str]:
     return {c["index"]: (c["message"]["content"] if chat else c["text"]) for c in choices}
 
 
-def check_answer(spec: Spec, finishes: dict[int, str], usage: Optional[dict], n_tokens: dict[int, int]) -> Optional[str]:
+def check_answer(spec: Spec, finishes: dict[int, str], usage: Optional[dict],
+                 n_tokens: dict[int, int]) -> Optional[str]:
     """Why a completed answer is wrong, or None."""
     body = spec.body
     n = body.get("n", 1)
@@ -386,7 +387,8 @@ def main(argv=None) -> int:
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             num_gpu_blocks_override=args.num_gpu_blocks_override))
         rss = rss_bytes
-    report = asyncio.run(soak(base, args.requests, args.concurrency, args.seed, args.max_tokens, rss=rss, progress=True))
+    report = asyncio.run(soak(base, args.requests, args.concurrency, args.seed, args.max_tokens, rss=rss,
+                              progress=True))
     if llm is not None:
         report.leaked_pages, report.queues = engine_state(llm)
     if rss is not None:

@@ -118,8 +118,8 @@ def test_regex_choice_grammar_json_object(client, model):
     for seed in range(3):
         calls.append(("grammar", comp({"guided_grammar": LARK}, 1.0, seed, max_tokens=40)))
     calls.append(("json_object", lambda: client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Give a short JSON object with a name and an age."}], max_tokens=60,
-        temperature=0, response_format={"type": "json_object"}).choices[0]))
+        model=model, messages=[{"role": "user", "content": "Give a short JSON object with a name and an age."}],
+        max_tokens=60, temperature=0, response_format={"type": "json_object"}).choices[0]))
     calls.append(("whitespace", comp({"guided_json": SCHEMAS[1], "guided_whitespace_pattern": r"[ ]{0,2}"}, 1.0)))
     calls.append(("length", comp({"guided_json": {"type": "array", "items": {"type": "integer"}, "minItems": 30}},
                                  1.0, max_tokens=5)))

@@ -232,7 +232,8 @@ CASES = [
     ("logit_bias", {"logit_bias": {"1000": 100}}, {"logit_bias": {1000: 100}}),
     ("sampler_order", {"sampler_order": [6, 0, 1, 3, 4, 2, 5], "top_p": 0.6, "temperature": 2.5},
      {"sampler_priority": _LITE_ORDER, "top_p": 0.6, "temperature": 2.5}),
-    ("dry", {"prompt": "the cat sat on the mat. the cat sat on the mat. the cat sat on the", "dry_multiplier": 3.0, "dry_base": 2.0, "dry_allowed_length": 1, "dry_penalty_last_n": 0,
+    ("dry", {"prompt": "the cat sat on the mat. the cat sat on the mat. the cat sat on the", "dry_multiplier": 3.0,
+             "dry_base": 2.0, "dry_allowed_length": 1, "dry_penalty_last_n": 0,
              "dry_sequence_breakers": "[\"\\n\"]", "rep_pen_range": 0},
      {"dry_multiplier": 3.0, "dry_base": 2.0, "dry_allowed_length": 1, "dry_range": 0}),
     ("mirostat", {"mirostat": 2, "mirostat_tau": 2.0, "mirostat_eta": 0.3},
@@ -361,6 +362,7 @@ def test_request_log_honours_max_log_len_quiet_and_disable(caplog):
     with caplog.at_level("INFO", logger="aphrodite_jax.serving.kobold"):
         KoboldServing.log(SimpleNamespace(config=ServingConfig(max_log_len=10)), "generate", req, "k1")
         KoboldServing.log(SimpleNamespace(config=ServingConfig(disable_log_requests=True)), "generate", req, "k2")
-        KoboldServing.log(SimpleNamespace(config=ServingConfig()), "generate", req.model_copy(update={"quiet": True}), "k3")
+        KoboldServing.log(SimpleNamespace(config=ServingConfig()), "generate", req.model_copy(update={"quiet": True}),
+                          "k3")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "k1" in lines[0] and "x" * 10 in lines[0] and "x" * 11 not in lines[0]

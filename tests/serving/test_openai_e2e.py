@@ -208,8 +208,8 @@ def test_chat_templates(server, client, model, tok, tmp_path):
     path = tmp_path / "t.jinja"
     path.write_text(TEMPLATE)
     for value in (str(path), TEMPLATE.replace("\n", "\\n")):
-        other = start_server(async_engine=server.engine, serving_config=ServingConfig(chat_template=value, served_model_name=["t"],
-                                                                 response_role="bot"))
+        config = ServingConfig(chat_template=value, served_model_name=["t"], response_role="bot")
+        other = start_server(async_engine=server.engine, serving_config=config)
         try:
             assert _tokenize_chat(other, "t") == custom
             r = openai.OpenAI(base_url=other.v1, api_key="x").chat.completions.create(

@@ -108,9 +108,11 @@ def test_named_and_required_tool_calls_validate(client, model):
 def test_auto_hermes_extracts_the_models_call(client, model):
     """The model continues an assistant turn that opened a hermes call; the parser must return it."""
     msgs = [{"role": "user", "content": "What is the weather in Paris?"},
-            {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "'}]
+            {"role": "assistant",
+             "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "'}]
     kw = dict(model=model, messages=msgs, tools=TOOLS, tool_choice="auto", max_tokens=32, temperature=0,
-              stop=["</tool_call>", "\n\n"], extra_body={"continue_final_message": True, "add_generation_prompt": False})
+              stop=["</tool_call>", "\n\n"],
+              extra_body={"continue_final_message": True, "add_generation_prompt": False})
     r = client.chat.completions.create(**kw)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls", choice.message

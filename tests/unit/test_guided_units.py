@@ -118,7 +118,8 @@ def test_cache_and_fallbacks(guided):
 
 def test_hermes_parser():
     p = PARSERS["hermes"]()
-    text = 'Sure. <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><tool_call>{"name": "g", "arguments": {}}'
+    text = ('Sure. <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+            '<tool_call>{"name": "g", "arguments": {}}')
     content, calls = p.extract(text)
     assert content == "Sure." and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1}), ("g", {})]
     assert p.content_end("Hello <tool") == len("Hello ")
