@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aphrodite_jax.layers.adapter import AdapterDelta
+from aphrodite_jax.layers.weights import DenseWeight, WeightType
+
 INIT_STD = 0.02  # weights of a freshly built (not loaded) model
 
 
@@ -27,28 +30,44 @@ def init_param(rngs: nnx.Rngs, shape, dtype, axes, *, std: float = INIT_STD, one
 
 
 class Linear(nnx.Module):
-    """y = x @ W (+ b); W [in, out] annotated (in_axis, out_axis)."""
+    """y = x @ W (+ b) (+ a per-token adapter delta); W [in, out] annotated (in_axis, out_axis).
+
+    `weight` is the loaded nnx.Param [in, out] until `quantize` replaces it by a quantized weight type
+    (aphrodite_jax/layers/weights.py); the math goes through `storage`, so it does not care which."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs,
                  axes: tuple[Optional[str], Optional[str]] = (None, None)):
         self.weight = init_param(rngs, (in_features, out_features), dtype, axes)  # [in, out]
         self.bias = init_param(rngs, (out_features,), dtype, (axes[1],), zeros=True) if use_bias else None
-        self.quant = None  # an Int8Weight once `quantize_int8` replaced the weight
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        y = x @ self.weight[...] if self.quant is None else self.quant(x)
+    @property
+    def storage(self) -> WeightType:
+        """The weight as a weight type: the quantized one, or a dense view over the loaded Param."""
+        return self.weight if isinstance(self.weight, WeightType) else DenseWeight(self.weight)
+
+    def __call__(self, x: jax.Array, adapter: Optional[AdapterDelta] = None) -> jax.Array:  # [..., in] -> [..., out]
+        y = self.storage.matmul(x)
         if self.bias is not None:
+            y = y + self.bias[...]
+        if adapter is not None:
+            y = y + adapter.delta(x).astype(y.dtype)
+        return y
+
+    def fused_gate_matmul(self, gu: jax.Array, act: str) -> Optional[jax.Array]:
+        """(act(gate) * up) @ W (+ b) for gu [T, 2 in] = gate | up, with the activation computed inside the
+        weight type's matmul; None where the type does not offer that epilogue (then run act and __call__)."""
+        y = self.storage.fused_gate_matmul(gu, act)  # [T, out] or None
+        if y is not None and self.bias is not None:
             y = y + self.bias[...]
         return y
 
     def project_f32(self, x: jax.Array) -> jax.Array:  # [N, in] -> f32[N, out] (the untied LM head)
-        if self.quant is not None:
-            return self.quant(x, out_dtype=jnp.float32)
-        return jnp.einsum("nh,hv->nv", x, self.weight[...], preferred_element_type=jnp.float32)
+        return self.storage.matmul(x, out_dtype=jnp.float32)
 
-    def quantize_int8(self, mode: str) -> None:
-        """Swap the loaded weight for 8-bit blocks (aphrodite_jax/layers/quantization.py)."""
-        from aphrodite_jax.layers.quantization import Int8Weight
-
-        self.quant = nnx.data(Int8Weight(np.asarray(self.weight.get_value(), np.float32), mode))
-        self.weight = None
+    def quantize(self, fmt: type[WeightType], backend: str) -> bool:
+        """Swap the loaded weight for `fmt`'s storage (aphrodite_jax/layers/quantization.py); False where it
+        was quantized already."""
+        if isinstance(self.weight, WeightType):
+            return False
+        self.weight = nnx.data(fmt.from_dense(np.asarray(self.weight.get_value(), np.float32), backend))
+        return True

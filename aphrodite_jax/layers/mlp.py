@@ -29,13 +29,17 @@ class GatedMLP(nnx.Module):
         mlp_axis = shard_dim_if_divisible("mlp", intermediate, tp_size)
         self.m = tp_size if mlp_axis is not None else 1
         self.intermediate = intermediate
+        self.act = act
         self.gate_up = Linear(hidden, 2 * intermediate, use_bias=False, dtype=dtype, rngs=rngs, axes=("embed", mlp_axis))
         self.down = Linear(intermediate, hidden, use_bias=False, dtype=dtype, rngs=rngs, axes=(mlp_axis, "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, H]
         t = x.shape[0]
-        if self.m == 1 and self.down.quant is not None and hasattr(self.down.quant, "silu_mul"):
-            return self.down.quant.silu_mul(self.gate_up(x))  # int8: SiLU * up inside the down projection
-        gu = self.gate_up(x).reshape(t, self.m, 2, self.intermediate // self.m)  # [T, m, 2, I/m]
+        gu = self.gate_up(x)  # [T, 2I]
+        if self.m == 1:  # gate | up: the layout a fused epilogue reads
+            y = self.down.fused_gate_matmul(gu, self.act)  # e.g. int8 on the CPU: SiLU * up inside the down matmul
+            if y is not None:
+                return y
+        gu = gu.reshape(t, self.m, 2, self.intermediate // self.m)  # [T, m, 2, I/m]
         h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]  # [T, m, I/m]
         return self.down(h.reshape(t, self.intermediate))  # [T, H]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import int8_matmul as K
-from aphrodite_jax.layers.quantization import Int8Weight
+from aphrodite_jax.layers.int8_weights import Int8Blocks
 
 AVAILABLE, WHY = K.kernel_status()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"CPU int8 kernel unavailable: {WHY}")
@@ -141,9 +141,9 @@ def test_pack4_layout():
 def test_int8_weight_module(mode):
     """The layer interface: leading dims kept, weight-only (xla) equals x @ dequantized W."""
     x, w = _case(6, 80, 24)
-    lw = Int8Weight(w, mode)
+    lw = Int8Blocks.from_dense(w, mode)
     x3 = jnp.asarray(x.reshape(2, 3, 80))
-    y = np.asarray(jax.jit(lambda a: lw(a))(x3))
+    y = np.asarray(jax.jit(lambda a: lw.matmul(a))(x3))
     assert y.shape == (2, 3, 24)
     q, d, mn = K.quantize_blocks(w)
     if mode == "xla":
@@ -156,12 +156,12 @@ def test_int8_weight_module(mode):
 @needs_kernel
 def test_int8_weight_module_picks_4bit_for_q4_1():
     w, _ = _q4_1(96, 40)
-    lw = Int8Weight(w, "cpu_kernel")
+    lw = Int8Blocks.from_dense(w, "cpu_kernel")
     assert lw.w4 and lw.half and lw.q[...].shape == (48, 48)  # [Np, Kp / 2]
     assert lw.dm[...].dtype == jnp.float16
     x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
     q, d, mn = K.quantize_blocks(w)
-    y = np.asarray(jax.jit(lambda a: lw(a))(jnp.asarray(x)))
+    y = np.asarray(jax.jit(lambda a: lw.matmul(a))(jnp.asarray(x)))
     np.testing.assert_allclose(y, K.reference_int8_matmul(x, q, d, mn), rtol=1e-5, atol=1e-4)
 
 
@@ -192,11 +192,11 @@ def test_gated_mlp_int8_uses_the_fused_down_projection():
 
     mlp = GatedMLP(64, 96, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
-    mlp.gate_up.quantize_int8("cpu_kernel")
-    mlp.down.quantize_int8("cpu_kernel")
+    mlp.gate_up.quantize(Int8Blocks, "cpu_kernel")
+    mlp.down.quantize(Int8Blocks, "cpu_kernel")
     y = np.asarray(jax.jit(lambda a: mlp(a))(jnp.asarray(x)))
     gu = np.asarray(mlp.gate_up(jnp.asarray(x)))
-    unfused = np.asarray(mlp.down.quant(jnp.asarray(K.silu_mul_reference(gu))))
+    unfused = np.asarray(mlp.down.weight.matmul(jnp.asarray(K.silu_mul_reference(gu))))
     np.testing.assert_allclose(y, unfused, rtol=1e-5, atol=1e-6)
 
 
@@ -222,10 +222,10 @@ def test_q8_0_blocks_are_exact():
 @pytest.mark.parametrize("m,k,n", [(1, 576, 49152), (32, 576, 1000), (7, 64, 17)])
 def test_int8_weight_q8_0_exact_with_f16_scales(m, k, n):
     w = _q8_0(k, n, seed=m)
-    lw = Int8Weight(w, "cpu_kernel")
+    lw = Int8Blocks.from_dense(w, "cpu_kernel")
     assert lw.half and not lw.w4 and lw.dm[...].dtype == jnp.float16
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
-    y = np.asarray(jax.jit(lambda a: lw(a))(jnp.asarray(x)))
+    y = np.asarray(jax.jit(lambda a: lw.matmul(a))(jnp.asarray(x)))
     q, d, mn = K.q8_0_blocks(w)
     ref = K.reference_int8_matmul(x, q, d, mn)
     scale = np.abs(x).sum(axis=1).max() * np.abs(w).max()
