@@ -14,6 +14,7 @@ but it says which piece is which. The last line is one JSON object; quote `uptim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from offline_throughput import synthetic_prompts  # noqa: E402
 
-ARMS = {"base": {"single_bucket": False}, "single": {"single_bucket": True}}
+ARMS = {"base": {"single_bucket": False}, "single": {"single_bucket": True}}  # TuningProfile fields per arm
 
 
 def main() -> None:
@@ -67,8 +68,7 @@ def main() -> None:
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True, seed=0)
 
     def run(arm: str, prompt: list[int]):
-        for k, v in ARMS[arm].items():
-            setattr(runner, k, v)
+        runner.tuning = dataclasses.replace(runner.tuning, **ARMS[arm])  # the arm's tuning profile
         parts.clear()
         engine.add_request(f"{arm}-{time.monotonic_ns()}", None, params, prompt_token_ids=prompt)
         steps, t_start = [], time.perf_counter()

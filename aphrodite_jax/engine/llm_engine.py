@@ -60,7 +60,7 @@ class LLMEngine:
         self.sampler = stack.sampler
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,
                                    self.runner.num_cpu_blocks, self.max_model_len,
-                                   token_buckets=self.runner.token_buckets)
+                                   token_buckets=self.runner.token_buckets, tuning=self.runner.tuning)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.model.seed)

@@ -36,6 +36,7 @@ from typing import Iterable, Optional, Union
 
 from aphrodite_jax.engine.block_manager import AllocStatus, BlockManager
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from aphrodite_jax.tuning import TuningProfile
 
 RUNNING, WAITING, SWAPPED = SequenceStatus.RUNNING, SequenceStatus.WAITING, SequenceStatus.SWAPPED
 
@@ -80,7 +81,7 @@ class Scheduler:
 
     def __init__(self, scheduler_config, cache_config, num_gpu_blocks: int, num_cpu_blocks: int,
                  max_model_len: int, watermark: float = 0.01,
-                 token_buckets: Optional[Iterable[int]] = None) -> None:
+                 token_buckets: Optional[Iterable[int]] = None, tuning: Optional[TuningProfile] = None) -> None:
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
@@ -92,9 +93,8 @@ class Scheduler:
         # The runner pads each step's tokens up to one of these (runner/buckets.py); with chunked
         # prefill the scheduler trims prefill chunks so a step does not pay for a mostly empty bucket.
         self.token_buckets = sorted(token_buckets) if token_buckets else None
-        # Below this many tokens a CPU step is weight-bandwidth bound (padding is nearly free), so
-        # steps are only trimmed down to buckets at least this large.
-        self.min_trim_bucket = 256
+        # Steps are only trimmed down to buckets of at least tuning.min_trim_bucket tokens (aphrodite_jax/tuning.py).
+        self.tuning = tuning or TuningProfile()
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.preemption_mode = scheduler_config.preemption_mode
         self.block_manager = BlockManager(num_gpu_blocks, num_cpu_blocks, cache_config.block_size,
@@ -293,7 +293,7 @@ class Scheduler:
             return prefill_rows
         up = next((b for b in buckets if b >= total), None)
         low = max(b for b in buckets if b < total)
-        if low < self.min_trim_bucket:
+        if low < self.tuning.min_trim_bucket:
             return prefill_rows  # small steps cost about the same padded or not: deferring only delays
         if up is not None and up - total <= total - low:
             return prefill_rows

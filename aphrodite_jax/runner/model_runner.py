@@ -22,6 +22,7 @@ from aphrodite_jax.config import EngineConfig
 from aphrodite_jax.layers.attention_metadata import AttentionMetadata
 from aphrodite_jax.runner.buckets import pick_bucket, power_of_two_buckets, step_shapes
 from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile_one
+from aphrodite_jax.tuning import profile_for
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ModelRunner:
         # a one-token prompt chunk is a prompt's last token, which has no prompt logprob).
         self.shapes = [(SINGLE, SINGLE), (SINGLE, self.sample_buckets[1])] + step_shapes(
             self.token_buckets[1:], self.sample_buckets[1:])
-        self.single_bucket = True  # False pads one-token steps to 8 as before (benchmarks' A/B)
+        self.tuning = profile_for(jax.default_backend())  # tuning.single_bucket: False pads one-token steps to 8
 
         # The model knows whether attention (hence the cache) is split over KV heads or replicated.
         self._kv_sharding = (model.kv_cache_sharding() if hasattr(model, "kv_cache_sharding") else
@@ -228,7 +229,7 @@ class ModelRunner:
         """(token bucket, sample bucket); tokens are padded up to at least the sample bucket, which
         keeps the shape set small when best_of draws several samples from one row. logprobs / prompt
         logprobs: whether a draw of the step wants them / the step computes some (see __init__)."""
-        if self.single_bucket and num_tokens <= SINGLE and num_samples <= SINGLE and not prompt_logprobs:
+        if self.tuning.single_bucket and num_tokens <= SINGLE and num_samples <= SINGLE and not prompt_logprobs:
             return SINGLE, (self.sample_buckets[1] if logprobs else SINGLE)
         b = pick_bucket(self.sample_buckets[1:], max(num_samples, 1))
         return pick_bucket(self.token_buckets[1:], max(num_tokens, b)), b

@@ -2,6 +2,7 @@
 gives the same tokens as the padded step."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -14,11 +15,12 @@ pytestmark = pytest.mark.slow
 
 def _solo(llm, prompts, params, single: bool):
     runner = llm.engine.runner
-    runner.single_bucket = single
+    saved = runner.tuning
+    runner.tuning = dataclasses.replace(saved, single_bucket=single)
     try:
         return [generate_tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params)]
     finally:
-        runner.single_bucket = True
+        runner.tuning = saved
 
 
 def test_single_row_bucket_gives_the_padded_tokens(default_llm):

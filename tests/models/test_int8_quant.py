@@ -6,6 +6,8 @@ Two measures, printed for the notes:
 - teacher-forced: the int8 model reads prompt + fp32's tokens and its top-1 at every position is compared
   with fp32's next token (prompt_logprobs); this counts the tokens int8 itself would change.
 """
+import dataclasses
+
 import pytest
 
 from aphrodite_jax import SamplingParams
@@ -68,11 +70,12 @@ def test_int8_single_row_bucket_gives_the_padded_tokens(int8_llm):
     runner = int8_llm.engine.runner
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     got = {}
+    saved = runner.tuning
     for single in (True, False):
-        runner.single_bucket = single
+        runner.tuning = dataclasses.replace(saved, single_bucket=single)
         try:
             got[single] = [int8_llm.generate([p], sp)[0].outputs[0].token_ids for p in PROMPTS[:2]]
         finally:
-            runner.single_bucket = True
+            runner.tuning = saved
     assert got[True] == got[False]
     assert all(len(t) == 24 for t in got[True])

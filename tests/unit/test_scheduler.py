@@ -11,15 +11,17 @@ import pytest
 from aphrodite_jax.config import CacheConfig, SchedulerConfig
 from aphrodite_jax.engine.scheduler import Scheduler
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from aphrodite_jax.tuning import TuningProfile
 
 BS = 8
 
 
-def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, token_buckets=None, **kw):
-    s = Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=BS, enable_prefix_caching=prefix),
-                  num_gpu, num_cpu, max_model_len, token_buckets=token_buckets)
-    s.min_trim_bucket = 8  # the tests' steps are tiny
-    return s
+def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, token_buckets=None, min_trim_bucket=8,
+               **kw):
+    # min_trim_bucket 8: the tests' steps are tiny
+    return Scheduler(SchedulerConfig(**kw), CacheConfig(block_size=BS, enable_prefix_caching=prefix),
+                     num_gpu, num_cpu, max_model_len, token_buckets=token_buckets,
+                     tuning=TuningProfile(min_trim_bucket=min_trim_bucket))
 
 
 def add(s, rid, prompt, t=None, params=None):
@@ -187,8 +189,7 @@ def test_trimming_drops_a_chunk_cut_to_nothing():
 
 
 def test_no_trim_below_the_minimum_bucket():
-    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=256, token_buckets=BUCKETS)
-    s.min_trim_bucket = 64
+    s = make_sched(enable_chunked_prefill=True, max_num_batched_tokens=256, token_buckets=BUCKETS, min_trim_bucket=64)
     for i in range(3):
         add(s, i, range(5))
     step(s, max_out=20)
