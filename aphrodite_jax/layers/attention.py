@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -24,6 +23,7 @@ from aphrodite_jax.distributed.mesh import MODEL_AXIS
 from aphrodite_jax.distributed.sharding import plan_attention
 from aphrodite_jax.layers.attention_metadata import AttentionMetadata
 from aphrodite_jax.layers.linear import Linear
+from aphrodite_jax.layers.loading import load_linear
 from aphrodite_jax.layers.norm import RMSNorm
 from aphrodite_jax.layers.rotary import RopeSpec, apply_rope
 
@@ -41,11 +41,12 @@ def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, head_dim: int, attn_tp
 
 
 def paged_attention(q, k, v, kv_cache, md: AttentionMetadata, *, sm_scale: float,
-                    sliding_window: Optional[int], mesh: Optional[Mesh], sharded: bool):
+                    sliding_window: Optional[int], mesh: Optional[Mesh], sharded: bool,
+                    soft_cap: Optional[float] = None):
     """q [T, Hq, D], k/v [T, Hkv, D], kv_cache [P, page, 2*Hkv, D] -> (out [T, Hq, D], kv_cache)."""
     def call(q, k, v, cache, kv_lens, pages, cu, ns):
         return ragged_paged_attention(q, k, v, cache, kv_lens, pages, cu, ns, sm_scale=sm_scale,
-                                      sliding_window=sliding_window)
+                                      sliding_window=sliding_window, soft_cap=soft_cap)
 
     args = (q, k, v, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs)
     if mesh is None or not sharded:
@@ -58,11 +59,15 @@ def paged_attention(q, k, v, kv_cache, md: AttentionMetadata, *, sm_scale: float
 
 
 class PagedAttention(nnx.Module):
-    """Llama-style attention: fused QKV (+bias), optional per-head q/k RMSNorm (Qwen3), RoPE, o_proj."""
+    """Llama-style attention: fused QKV (+bias), optional per-head q/k RMSNorm (Qwen3), RoPE, o_proj.
+
+    sm_scale multiplies q.k (d ** -0.5 unless the family says otherwise); soft_cap, when set, caps the
+    scores as cap * tanh(s / cap) before the softmax."""
 
     def __init__(self, *, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, rope: RopeSpec,
                  qkv_bias: bool, o_bias: bool, qk_norm: bool, norm_eps: float,
-                 sliding_window: Optional[int], dtype, rngs: nnx.Rngs, mesh: Optional[Mesh], tp_size: int):
+                 sliding_window: Optional[int], dtype, rngs: nnx.Rngs, mesh: Optional[Mesh], tp_size: int,
+                 sm_scale: Optional[float] = None, soft_cap: Optional[float] = None, norm_offset: bool = False):
         self.attn_tp, self.kv_heads_stored = plan_attention(num_heads, num_kv_heads, tp_size)
         if jax.default_backend() == "cpu":
             # Build and register the C++ attention kernel now: a step loaded from the executable cache
@@ -72,14 +77,16 @@ class PagedAttention(nnx.Module):
         self.kv_repeat = self.kv_heads_stored // num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope, self.sliding_window, self.mesh = rope, sliding_window, mesh
+        self.sm_scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
+        self.soft_cap = None if soft_cap is None else float(soft_cap)
         heads_axis = "heads" if self.attn_tp > 1 else None
         qkv_out = (num_heads + 2 * self.kv_heads_stored) * head_dim
         self.qkv = Linear(hidden, qkv_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs, axes=("embed", heads_axis))
         self.o_proj = Linear(num_heads * head_dim, hidden, use_bias=o_bias, dtype=dtype, rngs=rngs,
                              axes=(heads_axis, "embed"))
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, rngs=rngs)
-            self.k_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, rngs=rngs)
+            self.q_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, rngs=rngs, offset=norm_offset)
+            self.k_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, rngs=rngs, offset=norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -95,7 +102,24 @@ class PagedAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, md.positions, self.rope)
         k = apply_rope(k, md.positions, self.rope)
-        out, kv_cache = paged_attention(q, k, v, kv_cache, md, sm_scale=d ** -0.5,
+        out, kv_cache = paged_attention(q, k, v, kv_cache, md, sm_scale=self.sm_scale,
                                         sliding_window=self.sliding_window, mesh=self.mesh,
-                                        sharded=self.attn_tp > 1)
+                                        sharded=self.attn_tp > 1, soft_cap=self.soft_cap)
         return self.o_proj(out.reshape(t, self.num_heads * d)), kv_cache  # [T, H]
+
+    def hf_children(self) -> dict:
+        return {"q_norm": self.q_norm, "k_norm": self.k_norm} if self.q_norm is not None else {}
+
+    def load_hf(self, rel: str, value, session, full_name: str) -> None:
+        """q/k/v_proj (weight and bias) fuse into qkv once all three are in; o_proj loads as is."""
+        proj, _, kind = rel.partition(".")
+        if proj == "o_proj":
+            return load_linear(self.o_proj, kind, value, session, full_name)
+        target = self.qkv.weight if kind == "weight" else self.qkv.bias if kind == "bias" else None
+        if proj not in ("q_proj", "k_proj", "v_proj") or target is None:
+            raise KeyError(f"unexpected weight {full_name!r}")
+        parts = session.stage(target, proj, value, ("q_proj", "k_proj", "v_proj"), full_name)
+        if parts is not None:
+            fused = fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], self.head_dim, self.attn_tp,
+                             self.kv_repeat)  # [(Hq + 2*Hkv') * D, ...]
+            session.put(target, fused.T if kind == "weight" else fused, full_name)

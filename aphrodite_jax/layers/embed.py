@@ -25,6 +25,11 @@ class Embedding(nnx.Module):
             return self.head.matmul(h, out_dtype=jnp.float32)
         return jnp.einsum("nh,vh->nv", h, self.weight[...], preferred_element_type=jnp.float32)
 
+    def load_hf(self, rel: str, value, session, full_name: str) -> None:
+        if rel != "weight":
+            raise KeyError(f"unexpected weight {full_name!r}")
+        session.put(self.weight, value, full_name)  # HF [V, H], as stored
+
     def quantize_head(self, fmt: type[WeightType], backend: str) -> None:
         """The LM head (attend) is quantized; the fp32 table stays for lookups (a few rows per step)."""
         self.head = nnx.data(fmt.from_dense(np.asarray(self.weight.get_value(), np.float32).T, backend))  # W [H, V]

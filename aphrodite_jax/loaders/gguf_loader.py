@@ -22,6 +22,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 from aphrodite_jax.loaders.gguf_snapshot import HeaderSnapshot
+from aphrodite_jax.models.registry import architectures, by_gguf_arch, gguf_architectures
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +181,8 @@ def dequantize(raw: np.ndarray, qtype: QT | int, shape: Optional[tuple[int, ...]
 # GGUF file -> HF names, HF layout, HF config / tokenizer / chat template
 # ----------------------------------------------------------------------------------------------
 
-# Architectures whose tensors map one to one onto HF's `LlamaForCausalLM`-shaped checkpoints.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose tensors map one to one onto HF's `LlamaForCausalLM`-shaped checkpoints (models/registry.py).
+SUPPORTED_ARCHITECTURES = gguf_architectures()
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -313,11 +314,14 @@ class GGUFModel:
 
     @property
     def architecture(self) -> str:
-        """llama.cpp's architecture name, with HF's rename of llama-typed Mistral files."""
+        """llama.cpp's architecture name, with HF's rename of llama-typed Mistral files (a registry entry's
+        `gguf_name_alias`)."""
         arch = self.metadata("general.architecture")
-        name = str(self.metadata("general.name", "") or "")
-        if arch == "llama" and "mistral" in name.lower():
-            return "mistral"
+        name = str(self.metadata("general.name", "") or "").lower()
+        for entry in architectures():
+            alias = entry.gguf_name_alias
+            if alias and arch == alias[0] and alias[1] in name:
+                return entry.gguf_arch
         return arch
 
     @property
@@ -427,10 +431,11 @@ class GGUFModel:
     def iter_weights(self, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (hf_name, array) one tensor at a time, in HF layout ([out, in] for linears)."""
         arch = self.metadata("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        entry = by_gguf_arch(arch)
+        if entry is None:
             raise NotImplementedError(f"GGUF architecture {arch!r} is not supported "
-                                      f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        permuted = arch == "llama"          # only llama.cpp's llama converter permutes Q/K rows
+                                      f"(supported: {', '.join(gguf_architectures())})")
+        permuted = entry.gguf_permute_qk    # only llama.cpp's llama converter permutes Q/K rows
         n_head, n_kv = self._head_counts()
         for t in self._tensor_index():
             hf_name = gguf_hf_name(t["name"])

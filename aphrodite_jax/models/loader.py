@@ -2,7 +2,7 @@
 
 The module is first built with `nnx.eval_shape` (no memory), then every weight is placed straight into its
 sharded device array as it arrives from the weight source (safetensors, GGUF) or is drawn on device
-(dummy). `make_forward` gives the engine the pure jitted step with the KV caches donated.
+(dummy). The engine's ModelRunner then splits the module into the pure jitted step.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from aphrodite_jax.distributed.mesh import mesh_tp_size
 from aphrodite_jax.distributed.sharding import named_sharding
-from aphrodite_jax.models.registry import get_model_class
+from aphrodite_jax.layers.norm import RMSNorm
+from aphrodite_jax.models.registry import by_model_type, default_model_type, get_model_class
 
 _DTYPE_ALIASES = {"float32": jnp.float32, "float": jnp.float32, "fp32": jnp.float32,
                   "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -61,17 +62,20 @@ def _progress(it: Iterable, total: Optional[int], desc: str):
 
 
 def init_dummy_weights(model, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights drawn directly on device in their final sharding (norm weights = 1, biases = 0).
-    One compiled initialiser per distinct (kind, shape, dtype, sharding), so big configs compile a handful."""
+    """Random weights drawn directly on device in their final sharding (norms the identity scale: weight 1,
+    or 0 for a (1 + w) norm; biases 0). One compiled initialiser per distinct (kind, shape, dtype, sharding),
+    so big configs compile a handful."""
     key = jax.random.PRNGKey(seed)
     params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    offset = {id(m.weight) for _, m in nnx.iter_graph(model) if isinstance(m, RMSNorm) and m.offset}
     inits: dict[tuple, Callable] = {}
     for i, (path, param) in enumerate(_progress(params, len(params), "dummy weights")):
         cur = param.get_value()
         shape, dtype = tuple(cur.shape), jnp.dtype(cur.dtype)
         sharding = named_sharding(model.mesh, param.get_metadata()["logical_axes"]) if model.mesh is not None \
             else None
-        kind = "zeros" if str(path[-1]) == "bias" else "ones" if "norm" in ".".join(map(str, path)) else "normal"
+        kind = "zeros" if str(path[-1]) == "bias" or id(param) in offset else \
+            "ones" if "norm" in ".".join(map(str, path)) else "normal"
         sig = (kind, shape, dtype, sharding)
         if sig not in inits:
             def fn(k, kind=kind, shape=shape, dtype=dtype):
@@ -93,12 +97,12 @@ def _dummy_hf_config(model_config):
     elif src and not over.get("model_type"):
         cfg = AutoConfig.from_pretrained(src)  # HF id already in the local cache
     else:
-        cfg = AutoConfig.for_model(over.pop("model_type", "llama"))
+        cfg = AutoConfig.for_model(over.pop("model_type", default_model_type()))
     for k, v in over.items():
         setattr(cfg, k, v)
     if not getattr(cfg, "architectures", None):
-        cfg.architectures = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"],
-                             "qwen2": ["Qwen2ForCausalLM"], "qwen3": ["Qwen3ForCausalLM"]}.get(cfg.model_type)
+        arch = by_model_type(cfg.model_type)
+        cfg.architectures = [arch.hf_name] if arch else None
     return cfg
 
 
@@ -156,41 +160,3 @@ def load_model(model_config, mesh: Optional[Mesh] = None, cache_dir: Optional[st
     max_len = model_config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
     return LoadedModel(model=model, hf_config=hf_config, dtype=dtype, max_model_len=max_len,
                        tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind, source_path=path)
-
-
-def make_kv_caches(model, num_pages: int, page_size: int, dtype=None) -> list[jax.Array]:
-    """Zeroed per-layer caches [P, page, 2*Hkv_stored, D], allocated on device in their sharding."""
-    layers, heads, head_dim = model.num_layers, model.layers[0].attn.kv_heads_stored, model.head_dim
-    shape = (num_pages, page_size, 2 * heads, head_dim)
-    dtype = dtype or model.dtype
-    alloc = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=model.kv_cache_sharding())
-    return [alloc() for _ in range(layers)]
-
-
-@dataclass
-class Forward:
-    """The model as pure jitted functions over flattened state leaves (split once, never re-walked).
-
-    step(state_leaves, kv_caches, input_ids, md) -> (hidden [T, H], kv_caches)   (kv_caches donated)
-    logits(state_leaves, hidden [N, H]) -> f32[N, V]
-    """
-    state_leaves: list
-    step: Callable
-    logits: Callable
-
-
-def make_forward(model) -> Forward:
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-
-    def merged(state_leaves):
-        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, state_leaves))
-
-    @jax.jit
-    def logits(state_leaves, hidden):
-        return merged(state_leaves).compute_logits(hidden)
-
-    def _step(state_leaves, kv_caches, input_ids, md):
-        return merged(state_leaves)(input_ids, kv_caches, md)
-
-    return Forward(state_leaves=leaves, step=jax.jit(_step, donate_argnums=(1,)), logits=logits)

@@ -1,38 +1,76 @@
-"""Test helper: a tiny host-side page allocator that builds AttentionMetadata by hand."""
+"""Test helper: drive the engine's ModelRunner with page tables chosen by the test."""
 from __future__ import annotations
 
 import numpy as np
-import jax.numpy as jnp
-
-from aphrodite_jax.layers.attention_metadata import AttentionMetadata
 
 
-class PagePool:
-    """Pages handed out from a shuffled free list, so page order in a table is non-trivial."""
+def make_runner(loaded, *, mesh=None, num_pages: int = 128, block_size: int = 8, max_tokens: int = 512,
+                max_seqs: int = 64):
+    """The engine's ModelRunner over a loaded model, with a small fixed cache (the production step)."""
+    from aphrodite_jax.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from aphrodite_jax.runner.model_runner import ModelRunner
 
-    def __init__(self, num_pages: int, page_size: int, pages_per_seq: int, seed: int = 0):
-        self.page_size, self.pages_per_seq = page_size, pages_per_seq
-        self.free = list(np.random.default_rng(seed).permutation(num_pages))
+    tp = 1 if mesh is None else int(mesh.shape["model"])
+    config = EngineConfig(cache=CacheConfig(block_size=block_size, num_gpu_blocks_override=num_pages, swap_space=0),
+                          scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens),
+                          parallel=ParallelConfig(tensor_parallel_size=tp), compilation_cache_dir=None)
+    return ModelRunner(config, loaded.model, loaded.hf_config, max_model_len=loaded.max_model_len,
+                       vocab_size=loaded.hf_config.vocab_size, dtype=loaded.dtype, mesh=mesh)
+
+
+class RunnerDriver:
+    """Feeds a ModelRunner ragged steps with page tables of its own (pages from a shuffled free list), as
+    the scheduler would, and reads the logits of every token fed.
+
+    The runner returns the logits of each row's last token; the logits of every position of a prompt come
+    from the prompt's prefixes, each a throwaway sequence with pages of its own, run in the same ragged
+    steps as the prompt itself."""
+
+    def __init__(self, runner, seed: int = 0):
+        self.runner = runner
+        self.free = [int(p) for p in np.random.default_rng(seed).permutation(runner.num_gpu_blocks)]
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
+        self._scratch = 0
 
-    def step(self, chunks: dict[int, list[int]]):
-        """chunks: seq id -> this step's token ids. Returns (input_ids i32[T], md)."""
-        ids, positions, kv_lens, tables, cu = [], [], [], [], [0]
-        for sid, toks in chunks.items():
-            start = self.lens.get(sid, 0)
-            end = start + len(toks)
-            table = self.tables.setdefault(sid, [])
-            while len(table) * self.page_size < end:
-                table.append(int(self.free.pop()))
-            self.lens[sid] = end
-            ids += list(toks)
-            positions += list(range(start, end))
-            kv_lens.append(end)
-            tables.append(table + [0] * (self.pages_per_seq - len(table)))
-            cu.append(cu[-1] + len(toks))
-        md = AttentionMetadata(
-            positions=jnp.asarray(positions, jnp.int32), kv_lens=jnp.asarray(kv_lens, jnp.int32),
-            page_indices=jnp.asarray(tables, jnp.int32), cu_q_lens=jnp.asarray(cu, jnp.int32),
-            num_seqs=jnp.asarray([len(chunks)], jnp.int32))
-        return jnp.asarray(ids, jnp.int32), md
+    def _row(self, sid, toks: list[int]):
+        start = self.lens.get(sid, 0)
+        table = self.tables.setdefault(sid, [])
+        while len(table) * self.runner.block_size < start + len(toks):
+            table.append(self.free.pop())
+        self.lens[sid] = start + len(toks)
+        return list(toks), start, list(table)
+
+    def step(self, chunks: dict[int, list[int]]) -> np.ndarray:
+        """chunks: seq id -> this step's token ids. Returns f32[sum of chunk lengths, V]: the logits of every
+        token fed, in order. A chunk of several tokens must start its sequence."""
+        rows, wanted = [], []  # wanted: (chunk index, position in chunk) of each row
+        for c, (sid, toks) in enumerate(chunks.items()):
+            if len(toks) > 1 and self.lens.get(sid, 0):
+                raise NotImplementedError("a multi-token chunk after the first one")
+            rows.append(self._row(sid, toks))
+            wanted.append((c, len(toks) - 1))
+        for c, (sid, toks) in enumerate(chunks.items()):
+            for j in range(len(toks) - 1):
+                self._scratch -= 1
+                rows.append(self._row(("prefix", self._scratch), toks[:j + 1]))
+                wanted.append((c, j))
+        got = {}
+        for batch in self._batches(rows):
+            logits, _ = self.runner.run_model([rows[i] for i in batch], list(range(len(batch))))
+            logits = np.asarray(logits)
+            for k, i in enumerate(batch):
+                got[wanted[i]] = logits[k]
+        return np.stack([got[(c, j)] for c, toks in enumerate(chunks.values()) for j in range(len(toks))])
+
+    def _batches(self, rows) -> list[list[int]]:
+        """Row indices grouped into steps within the runner's token and sequence budgets, in order."""
+        out, cur, tokens = [], [], 0
+        for i, row in enumerate(rows):
+            n = len(row[0])
+            if cur and (tokens + n > self.runner.max_tokens or len(cur) == self.runner.max_num_seqs):
+                out.append(cur)
+                cur, tokens = [], 0
+            cur.append(i)
+            tokens += n
+        return out + ([cur] if cur else [])

@@ -1,7 +1,8 @@
 """Acceptance 1: our models, loaded by our loader from a save_pretrained folder, match HF PyTorch in fp32.
 
-Each case: prefill of a 20-token prompt through a paged cache (pages from a shuffled free list), then
-8 decode steps fed with HF's greedy tokens; max |logit difference| <= 1e-4 at every step.
+Each case: prefill of a 20-token prompt through the engine's ModelRunner and its paged cache (pages from a
+shuffled free list), then 8 decode steps fed with HF's greedy tokens; max |logit difference| <= 1e-4 at
+every step.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from aphrodite_jax.config import ModelConfig  # noqa: E402
-from aphrodite_jax.models.loader import load_model, make_forward, make_kv_caches  # noqa: E402
-from model_test_utils import PagePool  # noqa: E402
+from aphrodite_jax.models.loader import load_model  # noqa: E402
+from model_test_utils import RunnerDriver, make_runner  # noqa: E402
 
 TOL = 1e-4
-PROMPT_LEN, DECODE_STEPS, PAGE = 20, 8, 4
+PROMPT_LEN, DECODE_STEPS, PAGE = 20, 8, 8
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
 
@@ -53,22 +54,15 @@ def _prompt(seed: int, n: int = PROMPT_LEN) -> list[int]:
 
 
 def _check_parity(hf_model, loaded) -> None:
-    model = loaded.model
-    fwd = make_forward(model)
-    caches = make_kv_caches(model, num_pages=32, page_size=PAGE)
-    pool = PagePool(32, PAGE, pages_per_seq=16, seed=1)
+    pool = RunnerDriver(make_runner(loaded, block_size=PAGE), seed=1)
     tokens = _prompt(0)
-    ids, md = pool.step({0: tokens})
-    hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
-    ours = np.asarray(fwd.logits(fwd.state_leaves, hidden))  # [20, V]
+    ours = pool.step({0: tokens})  # [20, V]
     ref = _hf_logits(hf_model, tokens)
     assert np.abs(ours - ref).max() <= TOL, f"prefill: {np.abs(ours - ref).max()}"
     for step in range(DECODE_STEPS):
         nxt = int(ref[-1].argmax())
         tokens.append(nxt)
-        ids, md = pool.step({0: [nxt]})
-        hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
-        ours = np.asarray(fwd.logits(fwd.state_leaves, hidden))[0]
+        ours = pool.step({0: [nxt]})[0]
         ref = _hf_logits(hf_model, tokens)
         err = np.abs(ours - ref[-1]).max()
         assert err <= TOL, f"decode step {step}: {err}"
@@ -112,19 +106,14 @@ def test_llama_rope_scaling_matches_hf(kind, tmp_path):
 def test_ragged_batch_equals_each_alone(tmp_path):
     """Two sequences of different lengths in one ragged batch give the logits each gives alone."""
     loaded = _load_ours(_build("Llama"), tmp_path)
-    model = loaded.model
-    fwd = make_forward(model)
     prompts = {0: _prompt(3, 20), 1: _prompt(4, 13)}
     nxt = {0: [7], 1: [42]}
 
     def run(which):
-        caches = make_kv_caches(model, num_pages=32, page_size=PAGE)
-        pool = PagePool(32, PAGE, pages_per_seq=16, seed=5)
+        pool = RunnerDriver(make_runner(loaded, block_size=PAGE), seed=5)
         out = {}
         for chunk in (prompts, nxt):
-            ids, md = pool.step({s: chunk[s] for s in which})
-            hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
-            logits = np.asarray(fwd.logits(fwd.state_leaves, hidden))
+            logits = pool.step({s: chunk[s] for s in which})
             start = 0
             for s in which:
                 out.setdefault(s, []).append(logits[start:start + len(chunk[s])])
@@ -142,12 +131,10 @@ def test_bfloat16_loads_and_tracks_fp32(tmp_path):
     loaded = _load_ours(hf_model, tmp_path, dtype="bfloat16")
     model = loaded.model
     assert model.layers[0].attn.qkv.weight[...].dtype == jnp.bfloat16
-    caches = make_kv_caches(model, num_pages=16, page_size=PAGE)
-    assert caches[0].dtype == jnp.bfloat16
+    runner = make_runner(loaded, block_size=PAGE)
+    assert runner.kv_caches[0].dtype == jnp.bfloat16
     tokens = _prompt(0)
-    ids, md = PagePool(16, PAGE, pages_per_seq=8).step({0: tokens})
-    hidden, _ = model(ids, caches, md)
-    ours = np.asarray(model.compute_logits(hidden))
+    ours = RunnerDriver(runner).step({0: tokens})
     ref = _hf_logits(hf_model, tokens)
     assert ours.dtype == np.float32
     # bf16 keeps ~3 significant digits: far from fp32 exactness, but well correlated with it

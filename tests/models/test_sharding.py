@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from aphrodite_jax.config import ModelConfig  # noqa: E402
 from aphrodite_jax.distributed import logical_to_spec, make_mesh, plan_attention  # noqa: E402
-from aphrodite_jax.models.loader import load_model, make_forward, make_kv_caches  # noqa: E402
-from model_test_utils import PagePool  # noqa: E402
+from aphrodite_jax.models.loader import load_model  # noqa: E402
+from model_test_utils import RunnerDriver, make_runner  # noqa: E402
 
 TP = 4
 CASES = {
@@ -27,20 +27,18 @@ def _shard_shapes(arr: jax.Array) -> set[tuple[int, ...]]:
     return {tuple(s.data.shape) for s in arr.addressable_shards}
 
 
-def _run(loaded, steps: int = 2) -> np.ndarray:
-    fwd = make_forward(loaded.model)
-    caches = make_kv_caches(loaded.model, num_pages=16, page_size=4)
-    pool = PagePool(16, 4, pages_per_seq=8, seed=2)
+def _run(loaded, mesh=None, steps: int = 2) -> np.ndarray:
+    """Logits of every token over a prefill and `steps` greedy decode steps, through the engine's runner."""
+    runner = make_runner(loaded, mesh=mesh, num_pages=32)
+    pool = RunnerDriver(runner, seed=2)
     chunk = {0: [int(x) for x in np.random.default_rng(0).integers(0, 256, 11)], 1: [5, 9, 200]}
     out = []
     for _ in range(steps + 1):
-        ids, md = pool.step(chunk)
-        hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
-        logits = np.asarray(fwd.logits(fwd.state_leaves, hidden))
+        logits = pool.step(chunk)
         out.append(logits)
         ends = np.cumsum([len(v) for v in chunk.values()]) - 1
         chunk = {s: [int(logits[e].argmax())] for s, e in zip(chunk, ends)}
-    return np.concatenate(out), caches
+    return np.concatenate(out), runner
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +71,20 @@ def test_tp4_matches_single_device_and_is_split(case, tmp_path, four_devices):
 
     attn_tp, stored_kv = plan_attention(heads, kv, TP)
     qkv_cols = (heads + 2 * stored_kv) * d
-    _, caches = _run(split, steps=0)
+    _, runner = _run(split, four_devices, steps=0)
+    caches, pages, page = runner.kv_caches, runner.num_gpu_blocks, runner.block_size
     if case == "kv_repeated":
         assert (attn_tp, stored_kv) == (TP, TP)
         assert _shard_shapes(layer.attn.qkv.weight[...]) == {(h, qkv_cols // TP)}
         assert _shard_shapes(layer.attn.o_proj.weight[...]) == {(heads * d // TP, h)}
-        assert _shard_shapes(caches[0]) == {(16, 4, 2 * stored_kv // TP, d)}  # one K/V head pair each
+        assert _shard_shapes(caches[0]) == {(pages, page, 2 * stored_kv // TP, d)}  # one K/V head pair each
     else:
         assert attn_tp == 1
         assert _shard_shapes(layer.attn.qkv.weight[...]) == {(h, qkv_cols)}
-        assert _shard_shapes(caches[0]) == {(16, 4, 2 * kv, d)}
+        assert _shard_shapes(caches[0]) == {(pages, page, 2 * kv, d)}
 
     ref, _ = _run(single)
-    got, _ = _run(split)
+    got, _ = _run(split, four_devices)
     assert np.abs(got - ref).max() <= 1e-5
 
 

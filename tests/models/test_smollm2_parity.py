@@ -12,10 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from aphrodite_jax import SamplingParams  # noqa: E402
-from aphrodite_jax.config import ModelConfig  # noqa: E402
 from aphrodite_jax.loaders.resolve import resolve_model  # noqa: E402
-from aphrodite_jax.models.loader import load_model  # noqa: E402
-from model_test_utils import PagePool  # noqa: E402
+from model_test_utils import RunnerDriver  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,25 +65,17 @@ def test_greedy_tokens_and_logits_match_hf(hf_model, llm):
     for p, got in zip(prompts, ours):
         assert got == _hf_greedy(hf_model, p, NEW_TOKENS)
 
-    # Logits over prompt + generated tokens: ours through the paged cache (prefill then decode steps).
-    loaded = load_model(ModelConfig())
-    model = loaded.model
-    from aphrodite_jax.models.loader import make_forward, make_kv_caches
-
-    fwd = make_forward(model)
+    # Logits over prompt + generated tokens: ours through the engine's runner and paged cache (prefill then
+    # decode steps), on pages no request holds (every request above has finished).
+    runner = llm.engine.runner
     for p, gen in zip(prompts, ours):
         full = p + gen
         with torch.no_grad():
             want = hf_model(input_ids=torch.tensor([full])).logits[0].numpy()  # [L, V]
-        pool = PagePool(num_pages=64, page_size=16, pages_per_seq=16, seed=len(p))
-        caches = make_kv_caches(model, 64, 16)
-        ids, md = pool.step({0: p})
-        hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
-        got = [np.asarray(fwd.logits(fwd.state_leaves, hidden))]
+        pool = RunnerDriver(runner, seed=len(p))
+        got = [pool.step({0: p})]
         for t in gen[:-1][:8]:  # 8 decode steps through the cache
-            ids, md = pool.step({0: [t]})
-            hidden, caches = fwd.step(fwd.state_leaves, caches, ids, md)
-            got.append(np.asarray(fwd.logits(fwd.state_leaves, hidden)))
+            got.append(pool.step({0: [t]}))
         got = np.concatenate(got)  # [len(p) + 8, V]
         np.testing.assert_allclose(got, want[:len(got)], atol=1e-3, rtol=0)
 
