@@ -10,13 +10,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from aphrodite_jax.distributed.mesh import mesh_tp_size
 from aphrodite_jax.distributed.sharding import named_sharding
 from aphrodite_jax.layers.norm import RMSNorm
 from aphrodite_jax.models.registry import by_model_type, default_model_type, get_model_class
