@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
+from pallas_kernels.backends import backend_names
+
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = ("int8",)
@@ -122,6 +124,13 @@ class EngineConfig:
     forbid_compile_after_warmup: bool = False
     max_logprobs: int = 20
     disable_log_stats: bool = False
+    # The attention kernel: "auto" (by platform and model) or a backend of pallas_kernels/backends.py,
+    # resolved once at start (models/loader.py).
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.attention_backend in backend_names(),
+               f"attention_backend must be one of {backend_names()}, got {self.attention_backend!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

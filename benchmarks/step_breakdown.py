@@ -12,8 +12,10 @@ and times, each as its own jitted program over all layers, for a decode batch or
 Examples:
   python benchmarks/step_breakdown.py --decode 32 --context 64
   python benchmarks/step_breakdown.py --prefill 1024
-  python benchmarks/step_breakdown.py --decode 32 --context 64 --ab cpu_jax,cpu   # A B A B, ratios (pure JAX vs the C++ kernel)
-The machine may be shared: parts run interleaved round-robin, and --ab alternates impls per round.
+  python benchmarks/step_breakdown.py --decode 32 --context 64 --ab cpu_jax,cpu   # A B A B, ratios
+The machine may be shared: parts run interleaved round-robin, and --ab alternates impls per round. An impl is
+an attention backend (pallas_kernels/backends.py; cpu_jax,cpu compares pure JAX with the C++ kernel): each
+gets its own model built with that backend (the same weights).
 """
 from __future__ import annotations
 
@@ -56,26 +58,39 @@ def _as_gguf_grids(model):
         model.embed.weight.set_value(jnp.asarray((q * d).reshape(e.shape)))
 
 
-def build(args):
+def make_model(args, cfg, impl: str):
+    """The model with random weights (the same for every impl: one seed), its attention backend `impl`
+    resolved as the engine does (models/loader.py)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from aphrodite_jax.layers.attention_metadata import AttentionMetadata
-    from aphrodite_jax.loaders.gguf_loader import GGUFModel
-    from aphrodite_jax.loaders.resolve import resolve_model
-    from aphrodite_jax.models.loader import init_dummy_weights
+    from aphrodite_jax.models.loader import choose_attention, init_dummy_weights
     from aphrodite_jax.models.registry import get_model_class
 
-    cfg = GGUFModel(str(resolve_model(None).path)).hf_config()
-    if args.layers:
-        cfg.num_hidden_layers = args.layers
-    model = get_model_class(cfg)(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    cls = get_model_class(cfg)
+    backend = choose_attention(impl, cls, cfg, jnp.float32, 16)
+    model = cls(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), attention_backend=backend)
     init_dummy_weights(model, seed=0)
     if args.quantization:
         from aphrodite_jax.layers.quantization import quantize_model
 
         _as_gguf_grids(model)  # so the int8 storage is the served one (4-bit layers, exact Q8_0 head)
         quantize_model(model, args.quantization)
+    return model
+
+
+def build(args, impls):
+    import jax.numpy as jnp
+
+    from aphrodite_jax.layers.attention_metadata import AttentionMetadata
+    from aphrodite_jax.loaders.gguf_loader import GGUFModel
+    from aphrodite_jax.loaders.resolve import resolve_model
+
+    cfg = GGUFModel(str(resolve_model(None).path)).hf_config()
+    if args.layers:
+        cfg.num_hidden_layers = args.layers
+    models = {impl: make_model(args, cfg, impl) for impl in impls}
+    model = models[impls[0]]
     page, pps = 16, args.max_model_len // 16
     if args.prefill:
         lens, ctx = [args.prefill], [0]
@@ -106,7 +121,7 @@ def build(args):
     heads = model.layers[0].attn.kv_heads_stored
     caches = [jnp.asarray(rng.standard_normal((args.pages, page, 2 * heads, model.head_dim)), jnp.float32)
               for _ in range(model.num_layers)]
-    return cfg, model, md, ids, caches, t, len(lens)
+    return cfg, models, md, ids, caches, t, len(lens)
 
 
 def parts(cfg, model, md, ids, caches, t, b, impl):
@@ -114,7 +129,6 @@ def parts(cfg, model, md, ids, caches, t, b, impl):
     import jax.numpy as jnp
     from flax import nnx
 
-    import aphrodite_jax.layers.attention as attn_mod
     from pallas_kernels import ragged_paged_attention
     from aphrodite_jax.layers.rotary import apply_rope
     from aphrodite_jax.sampling.metadata import SamplingRow
@@ -122,14 +136,10 @@ def parts(cfg, model, md, ids, caches, t, b, impl):
     from aphrodite_jax.sampling_params import SamplingParams
 
     graphdef, state = nnx.split(model)
-    rpa = functools.partial(ragged_paged_attention, impl=impl)
+    rpa = functools.partial(ragged_paged_attention, impl=model.layers[0].attn.attention_backend)  # as resolved
 
-    def fwd(state, caches, ids, md):
-        attn_mod.ragged_paged_attention = rpa  # traced now: picks this impl
-        try:
-            return nnx.merge(graphdef, state)(ids, caches, md)
-        finally:
-            attn_mod.ragged_paged_attention = ragged_paged_attention
+    def fwd(state, caches, ids, md):  # the model was built with this impl as its attention backend
+        return nnx.merge(graphdef, state)(ids, caches, md)
 
     hq, hkv, d = cfg.num_attention_heads, model.layers[0].attn.kv_heads_stored, model.head_dim
     key = jax.random.PRNGKey(1)
@@ -232,7 +242,9 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--quantization", default=None, help="e.g. int8: the served `--quantization` weights")
-    ap.add_argument("--impl", default="auto", help="attention impl: auto, reference, cpu (the C++ kernel where it builds), cpu_jax (pure JAX)")
+    ap.add_argument("--impl", default="auto",
+                    help="attention backend (the engine's --attention-backend): auto, reference, cpu (the C++ "
+                         "kernel), cpu_jax (pure JAX)")
     ap.add_argument("--ab", help="two attention impls, e.g. reference,cpu: forward and attention of each, "
                                  "interleaved, with the ratio B/A of the medians")
     ap.add_argument("--only", help="comma list of parts to time")
@@ -244,9 +256,10 @@ def main():
 
     import jax
 
-    cfg, model, md, ids, caches, t, b = build(args)
     impls = args.ab.split(",") if args.ab else [args.impl]
-    sets = {impl: parts(cfg, model, md, ids, caches, t, b, impl) for impl in impls}
+    cfg, models, md, ids, caches, t, b = build(args, impls)
+    model = models[impls[0]]
+    sets = {impl: parts(cfg, models[impl], md, ids, caches, t, b, impl) for impl in impls}
     only = set(args.only.split(",")) if args.only else None
     state = {"caches": caches}
     state["caches0"] = [c + 0 for c in caches]

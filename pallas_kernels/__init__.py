@@ -15,22 +15,35 @@ Layout and conventions (shared by every implementation):
   their output is zero and their K/V is not written.
 - sliding_window W: a row at position p sees keys p-W+1 .. p (HF Mistral's definition).
 
-`impl="auto"` picks the Pallas TPU kernel on TPU, `cpu.py` on CPU (the C++ FFI kernel
-pallas_kernels/native/paged_attention.cc where it builds and fits, else pure JAX laid out for XLA's CPU
-backend; `impl="cpu_jax"` forces that pure-JAX path), and the pure-JAX reference elsewhere; `impl="reference"` is the oracle the others are tested against; `impl="tpu"` forces the
-TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU, as the tests do);
-`impl="gpu"` the Pallas Triton kernel (`interpret=True` runs it on CPU). "auto" never picks "gpu" yet: it is
-untested on a real GPU.
+Backends (backends.py holds the registry: each one's capabilities and availability probe):
+- "reference" (reference.py): pure JAX, the oracle the others are tested against;
+- "cpu" (cpu.py with the C++ FFI kernel native/paged_attention.cc, wrapped by cpu_paged_attention.py): where a
+  call's shapes do not fit the kernel, or it did not build, the call runs the pure-JAX CPU code (one warning);
+- "cpu_jax" (cpu.py): pure JAX laid out for XLA's CPU backend;
+- "tpu" (tpu.py): the Pallas TPU kernel (pass `interpret=True` or a `pltpu.InterpretParams` to run it on CPU,
+  as the tests do);
+- "gpu" (gpu.py): the Pallas Triton kernel (`interpret=True` runs it on CPU), untested on a real GPU.
+The shared pure-JAX pieces (token layout, K/V write, the two attention parts) live in common.py.
+
+An engine resolves its backend once at start (`resolve_attention_backend`, with the model's needs) and passes
+the name as `impl`. `impl="auto"` without that step picks by platform: tpu on TPU, cpu on CPU, the reference
+elsewhere (never gpu yet).
+
+The package imports nothing of the engine. `registered_ffi_targets()` and `source_root()` are what an
+executable cache needs to key compiled steps on the kernels: the FFI targets this process registered (a
+compiled step calls them by name) and the folder whose sources decide what the kernels trace to.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
-import jax
+from pallas_kernels.backends import (BACKENDS, AttentionBackend, AttentionNeeds, Capabilities, backend_names,
+                                     get_backend, platform_default, resolve_attention_backend)
+from pallas_kernels.native import build as _build
 
-from pallas_kernels.reference import ref_ragged_paged_attention
-
-__all__ = ["ragged_paged_attention", "ref_ragged_paged_attention"]
+__all__ = ["ragged_paged_attention", "resolve_attention_backend", "AttentionBackend", "AttentionNeeds",
+           "Capabilities", "BACKENDS", "backend_names", "get_backend", "registered_ffi_targets", "source_root"]
 
 
 def ragged_paged_attention(
@@ -41,25 +54,22 @@ def ragged_paged_attention(
     impl: str = "auto",
     interpret: Any = False,
 ):
+    """The contract above, run by the backend named `impl` ("auto": by platform)."""
     if impl == "auto":
-        backend = jax.default_backend()
-        impl = "tpu" if backend == "tpu" else "cpu" if backend == "cpu" else "reference"
-    if impl == "reference":
-        return ref_ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if impl in ("cpu", "cpu_jax"):
-        from pallas_kernels.cpu import ragged_paged_attention as cpu_rpa
-        return cpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                       use_kernel=impl == "cpu")
-    if impl == "tpu":
-        from pallas_kernels.tpu import ragged_paged_attention as tpu_rpa
-        return tpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                       interpret=interpret)
-    if impl == "gpu":
-        from pallas_kernels.gpu import ragged_paged_attention as gpu_rpa
-        return gpu_rpa(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
-                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                       interpret=bool(interpret))
-    raise ValueError(f"unknown attention impl {impl!r}")
+        import jax
+
+        backend = platform_default(jax.default_backend())
+    else:
+        backend = get_backend(impl)
+    return backend(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                   sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+
+
+def registered_ffi_targets() -> list[str]:
+    """The XLA FFI targets this process registered (sorted): part of a compiled step's identity."""
+    return sorted(_build.REGISTERED_TARGETS)
+
+
+def source_root() -> str:
+    """This package's folder: its Python and C++ sources decide what the kernels compile to."""
+    return os.path.dirname(os.path.abspath(__file__))

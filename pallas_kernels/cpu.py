@@ -1,20 +1,21 @@
-"""Ragged paged attention for the CPU (what impl="auto" runs on CPU).
+"""Ragged paged attention for the CPU: the backends "cpu" (C++ kernel) and "cpu_jax" (pure JAX).
 
-Where it builds and fits (fp32 cache, head_dim 64/128/256), the whole call is the C++ XLA FFI kernel
-pallas_kernels/native/paged_attention.cc: it writes this step's K/V in place and reads K/V pages in
-place through the page table (benchmarks/step_breakdown.py --ab cpu_jax,cpu compares it with the code below).
-Otherwise (or with impl="cpu_jax") it is the pure-JAX code below, with the same contract and the same two
-parts as reference.py (the oracle the tests compare this against): this step's own tokens attend to each other
-in causal tiles, every row attends to the context earlier steps cached, and the two merge by log-sum-exp. The
-in-step part (all of a fresh prefill's attention) is laid out for XLA's CPU backend: tiles are heads-major,
+With use_kernel (backend "cpu"), where the kernel builds and fits (fp32 cache, head_dim 64/128/256), the whole
+call is the C++ XLA FFI kernel native/paged_attention.cc (wrapped by cpu_paged_attention.py): it writes this
+step's K/V in place and reads K/V pages in place through the page table (benchmarks/step_breakdown.py
+--ab cpu_jax,cpu compares the two). Otherwise (or with use_kernel=False, backend "cpu_jax") it is the pure-JAX
+code below, with the same contract and the same two parts as reference.py (the oracle the tests compare this
+against; both parts live in common.py): this step's own tokens attend to each other in causal tiles, every
+row attends to the context earlier steps cached, and the two merge by log-sum-exp. The in-step part (all of a
+fresh prefill's attention) is laid out for XLA's CPU backend: tiles are heads-major,
 [Hkv, G*C, D] x [Hkv, C, D] -> [Hkv, G*C, C], so both matmuls have their batch dimension leading and need no
 transposes inside the loop (about 0.55x the reference's time for a 1024-token prefill,
 benchmarks/step_breakdown.py --prefill 1024 --ab reference,cpu_jax). Steps of one tile (under 256 tokens:
 decode batches) run the reference's in-step code unchanged: there the heads-major transposes cost more than
-they save (1.2-1.5x the reference's attention time at decode 32). The cached-context part is reference.py's
+they save (1.2-1.5x the reference's attention time at decode 32). The cached-context part is the reference's
 (per-row page gathers, 4 pages per iteration): the variants tried (a block-diagonal query over the interleaved
-K/V bytes, an elementwise multiply-reduce, 8 pages per iteration) were not faster at decode batch 32 (notes in
-/work/notes/issue9-forward.md and benchmarks/step_breakdown.py).
+K/V bytes, an elementwise multiply-reduce, 8 pages per iteration) were not faster at decode batch 32
+(measured with benchmarks/step_breakdown.py).
 """
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import (MASK_VALUE, _in_step_attention, _online_update, context_and_merge,
-                                      token_layout, write_kv)
-
 from pallas_kernels import cpu_paged_attention as paged_kernel
+from pallas_kernels.common import (MASK_VALUE, context_and_merge, in_step_attention, online_update,
+                                   token_layout, write_kv)
 
 CONTEXT_PAGES_PER_BLOCK = 4  # cached-context pages per loop iteration (measured: 8 was slower at ctx 64)
 
 
 def _kernel_fits(q, kv_cache, num_kv_heads: int) -> bool:
     """Whether this call can use the C++ kernel: its shapes fit and it built here (else one warning)."""
-    if jax.default_backend() != "cpu" or not paged_kernel.supports(q.shape[2], q.shape[1], num_kv_heads, kv_cache.dtype):
+    if jax.default_backend() != "cpu":
+        return False
+    if not paged_kernel.supports(q.shape[2], q.shape[1], num_kv_heads, kv_cache.dtype):
         return False
     return paged_kernel.available_or_warn()
 
@@ -66,7 +68,7 @@ def _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap, chu
             mask &= vq[:, None] & valid_t[kc][None, :]
             if sliding_window is not None:
                 mask &= pos_t[kc][None, :] > pq[:, None] - sliding_window
-            m, l, acc, p = _online_update(m, l, acc, s, mask[None, None], None, soft_cap)
+            m, l, acc, p = online_update(m, l, acc, s, mask[None, None], None, soft_cap)
             acc = acc + jnp.einsum("hqk,hkd->hqd", p.reshape(hkv, g * chunk, chunk), v_t[kc]).reshape(
                 hkv, g, chunk, d)
             return kc + 1, m, l, acc
@@ -116,7 +118,7 @@ def ragged_paged_attention(
     qf = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
     chunk = _pick_tile(num_tokens)
     if chunk == num_tokens:  # decode-sized step, one tile: the reference's layout measured faster here
-        m_a, l_a, acc_a = _in_step_attention(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
+        m_a, l_a, acc_a = in_step_attention(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap,
                                              num_tokens)
     else:
         m_a, l_a, acc_a = _in_step(qf, k, v, seq, pos, valid, cu_q_lens, sliding_window, soft_cap, chunk)

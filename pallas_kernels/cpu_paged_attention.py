@@ -1,9 +1,10 @@
 """Ragged paged attention as a C++ XLA FFI kernel for the CPU (AVX-512), reading K/V pages in place.
 
 `paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, ...)` -> (out [T, Hq, D],
-kv_cache): the ragged_paged_attention contract of pallas_kernels, this step's K/V written in place. `kernel_status()` builds
-and registers the kernel once per process and says whether it can run here; `supports(...)` says whether a
-given call's shapes and dtypes fit it. Why a kernel: see paged_attention.cc.
+kv_cache): the ragged_paged_attention contract of pallas_kernels, this step's K/V written in place; the backend
+"cpu" (cpu.py) calls it. `kernel_status()` builds and registers the kernel once per process and says whether
+it can run here (the backend's availability probe); `supports(...)` says whether a given call's shapes and
+dtypes fit it. Why a kernel: see native/paged_attention.cc.
 """
 from __future__ import annotations
 

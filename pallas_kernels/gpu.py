@@ -1,7 +1,7 @@
 """Pallas GPU (Triton backend) ragged paged attention, same ABI and semantics as `reference.py`.
 
 The K/V write is not part of the kernel here: this step's K/V are scattered into the cache by XLA
-(`reference.write_kv`, one scatter) before the kernel runs, and the kernel reads new and old tokens
+(`common.write_kv`, one scatter) before the kernel runs, and the kernel reads new and old tokens
 alike from the pages.
 
 Grid (sequence, kv_head), one Triton program each. A program walks its sequence's query rows in blocks of
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import MASK_VALUE, token_layout, write_kv
+from pallas_kernels.common import MASK_VALUE, token_layout, write_kv
 
 
 def _next_pow2(n: int) -> int:
@@ -132,7 +132,7 @@ def ragged_paged_attention(
         out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
         grid=(num_seq_rows, num_kv_heads),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
+        interpret=bool(interpret),
     )(kv_lens, page_indices.reshape(-1), cu_q_lens, num_seqs, qt, kv_cache)
 
     out = out.reshape(num_kv_heads, num_tokens + bq, gp, head_dim)[:, :num_tokens, :group]

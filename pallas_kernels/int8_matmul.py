@@ -1,11 +1,11 @@
 """int8 weight x on-the-fly int8 activation matmul for the CPU (AVX-512 VNNI), through XLA FFI.
 
 `quantize_blocks(w)` -> u8 q [Kp, N] and f32 d, m [Kp/32, N] (w ~ d * q + m per block of 32 along K).
-`pack_blocks(q, d, m)` -> the kernel's layout (see int8_matmul.cc); `on_4bit_grid(q)` and `pack_blocks4` the
-4-bit layout for a matrix whose every block has 16 levels (GGUF Q4_1: half the bytes, the same numbers). `int8_matmul(x, packed, dm, n)` is
-y = x @ w with x quantized per token to int8 in blocks of 32 along K. `reference_int8_matmul` is the same
-arithmetic in NumPy, for tests. `kernel_status()` builds and registers the kernel once per process and
-says whether it can run here (it needs a C++ compiler and a CPU with AVX-512 VNNI).
+`pack_blocks(q, d, m)` -> the kernel's layout (see native/int8_matmul.cc); `on_4bit_grid(q)` and `pack_blocks4`
+the 4-bit layout for a matrix whose every block has 16 levels (GGUF Q4_1: half the bytes, the same numbers).
+`int8_matmul(x, packed, dm, n)` is y = x @ w with x quantized per token to int8 in blocks of 32 along K.
+`reference_int8_matmul` is the same arithmetic in NumPy, for tests. `kernel_status()` builds and registers the
+kernel once per process and says whether it can run here (it needs a C++ compiler and a CPU with AVX-512 VNNI).
 """
 from __future__ import annotations
 

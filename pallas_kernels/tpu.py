@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.reference import MASK_VALUE, token_layout
+from pallas_kernels.common import MASK_VALUE, token_layout
 
 
 def _interpret_arg(interpret: Any):

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from aphrodite_jax.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, ConfigError, EngineConfig
+from pallas_kernels.backends import backend_names
 from serving.config import ServingConfig
 
 SUPPRESS = argparse.SUPPRESS
@@ -169,6 +170,9 @@ ENGINE_FLAGS: list[tuple[tuple[str, ...], Any, str]] = [
      "(default: ~/.cache/aphrodite_jax/jax_cache; docs/operating.md)"),
     (("--max-queue-len",), int,
      "most requests waiting for a slot; past it new ones get a 503 with Retry-After (default: no limit)"),
+    (("--attention-backend",), {"choices": backend_names()},
+     "attention kernel; auto: by platform and model (TPU: tpu; CPU: the C++ kernel where it builds and fits, "
+     "else cpu_jax; elsewhere: reference)"),
 ]
 
 # Aphrodite flags whose features have not landed. The value shape only matters for parsing.
@@ -205,7 +209,7 @@ ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_for
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
                "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats",
-               "compilation_cache_dir", "max_queue_len", "quantization"}
+               "compilation_cache_dir", "max_queue_len", "quantization", "attention_backend"}
 
 
 def _dest(flags: tuple[str, ...]) -> str:

@@ -211,6 +211,7 @@ def cache_context(config: EngineConfig, loaded: Any, runner: ModelRunner) -> dic
     hf = loaded.hf_config.to_dict() if hasattr(loaded.hf_config, "to_dict") else repr(loaded.hf_config)
     return {"engine": engine, "hf_config": hf, "dtype": str(loaded.dtype), "max_model_len": runner.max_model_len,
             "vocab_size": runner.vocab_size, "model_class": type(loaded.model).__qualname__,
+            "attention_backend": loaded.attention_backend,
             "kv_spec": repr(runner.kv_spec), "mesh": None if runner.mesh is None else repr(runner.mesh),
             "weights": (loaded.source_kind, _file_identity(loaded.source_path))}
 
@@ -226,7 +227,8 @@ def build_model_stack(config: EngineConfig) -> ModelStack:
 
         mesh = make_mesh(tp, config.parallel.data_parallel_size)
     t0 = time.perf_counter()
-    loaded = load_model(config.model, mesh, cache_dir=config.compilation_cache_dir)
+    loaded = load_model(config.model, mesh, cache_dir=config.compilation_cache_dir,
+                        attention_backend=config.attention_backend, page_size=config.cache.block_size)
     logger.info("Loaded the %s model (%s) in %.1f s", loaded.source_kind,
                 type(loaded.model).__name__, time.perf_counter() - t0)
     from aphrodite_jax.tokenization import eos_token_ids, generation_defaults, load_tokenizer

@@ -42,11 +42,14 @@ def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, head_dim: int, attn_tp
 
 def paged_attention(q, k, v, kv_cache, md: AttentionMetadata, *, sm_scale: float,
                     sliding_window: Optional[int], mesh: Optional[Mesh], sharded: bool,
-                    soft_cap: Optional[float] = None):
-    """q [T, Hq, D], k/v [T, Hkv, D], kv_cache [P, page, 2*Hkv, D] -> (out [T, Hq, D], kv_cache)."""
+                    soft_cap: Optional[float] = None, backend: str = "auto"):
+    """q [T, Hq, D], k/v [T, Hkv, D], kv_cache [P, page, 2*Hkv, D] -> (out [T, Hq, D], kv_cache).
+
+    backend: the attention backend's name (pallas_kernels/backends.py), resolved once when the engine
+    starts; a static value, so the traced step calls that backend directly."""
     def call(q, k, v, cache, kv_lens, pages, cu, ns):
         return ragged_paged_attention(q, k, v, cache, kv_lens, pages, cu, ns, sm_scale=sm_scale,
-                                      sliding_window=sliding_window, soft_cap=soft_cap)
+                                      sliding_window=sliding_window, soft_cap=soft_cap, impl=backend)
 
     args = (q, k, v, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs)
     if mesh is None or not sharded:
@@ -67,13 +70,10 @@ class PagedAttention(nnx.Module):
     def __init__(self, *, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, rope: RopeSpec,
                  qkv_bias: bool, o_bias: bool, qk_norm: bool, norm_eps: float,
                  sliding_window: Optional[int], dtype, rngs: nnx.Rngs, mesh: Optional[Mesh], tp_size: int,
-                 sm_scale: Optional[float] = None, soft_cap: Optional[float] = None, norm_offset: bool = False):
+                 sm_scale: Optional[float] = None, soft_cap: Optional[float] = None, norm_offset: bool = False,
+                 attention_backend: str = "auto"):
         self.attn_tp, self.kv_heads_stored = plan_attention(num_heads, num_kv_heads, tp_size)
-        if jax.default_backend() == "cpu":
-            # Build and register the C++ attention kernel now: a step loaded from the executable cache
-            # is never traced, yet calls it by name.
-            from pallas_kernels.cpu_paged_attention import kernel_status
-            kernel_status()
+        self.attention_backend = attention_backend
         self.kv_repeat = self.kv_heads_stored // num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope, self.sliding_window, self.mesh = rope, sliding_window, mesh
@@ -104,7 +104,8 @@ class PagedAttention(nnx.Module):
         k = apply_rope(k, md.positions, self.rope)
         out, kv_cache = paged_attention(q, k, v, kv_cache, md, sm_scale=self.sm_scale,
                                         sliding_window=self.sliding_window, mesh=self.mesh,
-                                        sharded=self.attn_tp > 1, soft_cap=self.soft_cap)
+                                        sharded=self.attn_tp > 1, soft_cap=self.soft_cap,
+                                        backend=self.attention_backend)
         return self.o_proj(out.reshape(t, self.num_heads * d)), kv_cache  # [T, H]
 
     def hf_children(self) -> dict:

@@ -1,7 +1,8 @@
 """The one decoder-only model, built from a DecoderSpec (models/spec.py); every family is a spec of it.
 
-`Model(hf_config, *, dtype, rngs, mesh=None)`; `model(input_ids i32[T], kv_caches, md) -> (hidden [T, H],
-kv_caches)`; `compute_logits(hidden [N, H]) -> f32[N, V]`; `load_weights((hf_name, array HF layout))`.
+`Model(hf_config, *, dtype, rngs, mesh=None, attention_backend="auto")` (a pallas_kernels backend name);
+`model(input_ids i32[T], kv_caches, md) -> (hidden [T, H], kv_caches)`; `compute_logits(hidden [N, H]) ->
+f32[N, V]`; `load_weights((hf_name, array HF layout))`.
 models/registry.py makes one subclass per HF architecture, named as HF names it, whose `build_spec` is the
 family's spec function.
 """
@@ -32,7 +33,8 @@ class DecoderLayer(nnx.Module):
     MLP, HF's `post_attention_layernorm`). With sandwich norms each block's output is normed again before
     its residual add (HF Gemma 2 names); with a parallel residual both blocks read the same x."""
 
-    def __init__(self, spec: DecoderSpec, index: int, *, dtype, rngs: nnx.Rngs, mesh: Optional[Mesh], tp: int):
+    def __init__(self, spec: DecoderSpec, index: int, *, dtype, rngs: nnx.Rngs, mesh: Optional[Mesh], tp: int,
+                 attention_backend: str = "auto"):
         if spec.mlp_kind(index) != "dense":
             raise NotImplementedError(f"MoE layers are not supported yet (layer {index}: {spec.mlp_kind(index)})")
         kind = spec.layer_attention[index]
@@ -46,7 +48,7 @@ class DecoderLayer(nnx.Module):
             head_dim=spec.head_dim, rope=kind.rope, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias,
             qk_norm=spec.qk_norm, norm_eps=spec.norm_eps, sliding_window=kind.sliding_window, dtype=dtype,
             rngs=rngs, mesh=mesh, tp_size=tp, sm_scale=spec.sm_scale, soft_cap=spec.attn_soft_cap,
-            norm_offset=spec.norm_offset)
+            norm_offset=spec.norm_offset, attention_backend=attention_backend)
         self.post_norm = norm()
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, dtype=dtype, rngs=rngs, tp_size=tp,
                             act=spec.activation, bias=spec.mlp_bias)
@@ -76,7 +78,8 @@ class DecoderLayer(nnx.Module):
 class DecoderForCausalLM(nnx.Module):
     build_spec: Callable[..., DecoderSpec]  # set by the registry's subclass: hf_config -> DecoderSpec
 
-    def __init__(self, hf_config, *, dtype=jnp.float32, rngs: nnx.Rngs, mesh: Optional[Mesh] = None):
+    def __init__(self, hf_config, *, dtype=jnp.float32, rngs: nnx.Rngs, mesh: Optional[Mesh] = None,
+                 attention_backend: str = "auto"):
         spec = type(self).build_spec(hf_config)
         tp = mesh_tp_size(mesh)
         self.mesh, self.dtype, self.tp_size = mesh, jnp.dtype(dtype), tp
@@ -86,7 +89,8 @@ class DecoderForCausalLM(nnx.Module):
         self.embed_multiplier, self.final_soft_cap = spec.embed_multiplier, spec.final_soft_cap
         vocab_axis = shard_dim_if_divisible("vocab", spec.vocab_size, tp)
         self.embed = Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, rngs=rngs, vocab_axis=vocab_axis)
-        self.layers = nnx.List([DecoderLayer(spec, i, dtype=dtype, rngs=rngs, mesh=mesh, tp=tp)
+        self.layers = nnx.List([DecoderLayer(spec, i, dtype=dtype, rngs=rngs, mesh=mesh, tp=tp,
+                                             attention_backend=attention_backend)
                                 for i in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, dtype=dtype, rngs=rngs, offset=spec.norm_offset)
         self.lm_head = None if self.tie_word_embeddings else Linear(
@@ -99,6 +103,15 @@ class DecoderForCausalLM(nnx.Module):
         spec = cls.build_spec(hf_config)
         _, stored = plan_attention(spec.num_heads, spec.num_kv_heads, tp_size)
         return spec.num_layers, stored, spec.head_dim
+
+    @classmethod
+    def attention_needs(cls, hf_config) -> dict:
+        """What this model asks of its attention backend (pallas_kernels.AttentionNeeds, less the cache's
+        dtype and page size)."""
+        spec = cls.build_spec(hf_config)
+        return dict(head_dim=spec.head_dim, num_q_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                    soft_cap=spec.attn_soft_cap is not None,
+                    sliding_window=any(kind.sliding_window is not None for kind in spec.layer_attention))
 
     def kv_cache_sharding(self) -> Optional[NamedSharding]:
         """Where each layer's KV cache lives: split over KV heads when attention is split, else replicated."""

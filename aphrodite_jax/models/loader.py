@@ -6,6 +6,7 @@ sharded device array as it arrives from the weight source (safetensors, GGUF) or
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -18,6 +19,9 @@ from jax.sharding import Mesh
 from aphrodite_jax.distributed.sharding import named_sharding
 from aphrodite_jax.layers.norm import RMSNorm
 from aphrodite_jax.models.registry import by_model_type, default_model_type, get_model_class
+from pallas_kernels import AttentionNeeds, resolve_attention_backend
+
+logger = logging.getLogger(__name__)
 
 _DTYPE_ALIASES = {"float32": jnp.float32, "float": jnp.float32, "fp32": jnp.float32,
                   "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -43,12 +47,25 @@ class LoadedModel:
     gguf_file: Optional[str] = None  # set when the tokenizer comes from a GGUF file in tokenizer_source
     source_kind: str = "hf_dir"  # "hf_dir" | "gguf" | "dummy"
     source_path: Optional[str] = None  # the weight file / folder (None for dummy weights)
+    attention_backend: str = "auto"  # the resolved backend the attention layers call (pallas_kernels)
     extra: dict = field(default_factory=dict)
 
 
-def build_abstract(model_cls, hf_config, dtype, mesh: Optional[Mesh]):
+def build_abstract(model_cls, hf_config, dtype, mesh: Optional[Mesh], attention_backend: str = "auto"):
     """The module with ShapeDtypeStruct leaves: structure and logical axes, no memory."""
-    return nnx.eval_shape(lambda: model_cls(hf_config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh))
+    return nnx.eval_shape(lambda: model_cls(hf_config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh,
+                                            attention_backend=attention_backend))
+
+
+def choose_attention(requested: str, model_cls, hf_config, dtype, page_size: int) -> str:
+    """The attention backend for this model, resolved once per load and logged. Resolving runs the backend's
+    probe (the C++ kernel is built and registered), which must happen before any step is loaded from the
+    executable cache: a loaded step calls the kernel by name."""
+    needs = AttentionNeeds(**model_cls.attention_needs(hf_config), cache_dtype=jnp.dtype(dtype).name,
+                           page_size=page_size)
+    backend = resolve_attention_backend(requested, jax.default_backend(), needs)
+    logger.info("attention: %s (%s)", backend.name, backend.description)
+    return backend.name
 
 
 def _progress(it: Iterable, total: Optional[int], desc: str):
@@ -116,10 +133,12 @@ def _resolve_source(model_config) -> tuple[str, str]:
     return resolved.kind, str(resolved.path)
 
 
-def load_model(model_config, mesh: Optional[Mesh] = None, cache_dir: Optional[str] = None) -> LoadedModel:
+def load_model(model_config, mesh: Optional[Mesh] = None, cache_dir: Optional[str] = None, *,
+               attention_backend: str = "auto", page_size: int = 16) -> LoadedModel:
     """Load per model_config.load_format ('auto' | 'safetensors' | 'gguf' | 'dummy') onto `mesh`.
 
-    cache_dir: where a GGUF file's parsed header, HF config and tokenizer are kept between starts."""
+    cache_dir: where a GGUF file's parsed header, HF config and tokenizer are kept between starts.
+    attention_backend, page_size: the engine's attention backend ("auto" or a name) and KV page size."""
     dtype = resolve_dtype(model_config.dtype)
     fmt = model_config.load_format
     gguf_file = path = None
@@ -147,7 +166,8 @@ def load_model(model_config, mesh: Optional[Mesh] = None, cache_dir: Optional[st
             weights, total = iter_safetensors_weights(path), count_safetensors_weights(path)
             tok_src = model_config.tokenizer or path
     model_cls = get_model_class(hf_config)
-    model = build_abstract(model_cls, hf_config, dtype, mesh)
+    attention = choose_attention(attention_backend, model_cls, hf_config, dtype, page_size)
+    model = build_abstract(model_cls, hf_config, dtype, mesh, attention)
     if weights is None:
         init_dummy_weights(model, seed=model_config.seed)
     else:
@@ -157,4 +177,5 @@ def load_model(model_config, mesh: Optional[Mesh] = None, cache_dir: Optional[st
         quantize_model(model, model_config.quantization)
     max_len = model_config.max_model_len or int(getattr(hf_config, "max_position_embeddings", 2048))
     return LoadedModel(model=model, hf_config=hf_config, dtype=dtype, max_model_len=max_len,
-                       tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind, source_path=path)
+                       tokenizer_source=tok_src, gguf_file=gguf_file, source_kind=kind, source_path=path,
+                       attention_backend=attention)

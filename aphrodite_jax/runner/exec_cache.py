@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import numpy as np
 
+import pallas_kernels
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"APHJAXEXE2\n"
@@ -40,13 +42,9 @@ _ENV_PREFIXES = ("XLA_", "JAX_", "TPU_", "LIBTPU_", "APHRODITE_")
 
 
 def source_roots() -> list[str]:
-    """The folders whose code can change a traced step: the package and the Pallas kernels next to it."""
+    """The folders whose code can change a traced step: the package and the kernels package."""
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../aphrodite_jax
-    roots = [pkg]
-    kernels = os.path.join(os.path.dirname(pkg), "pallas_kernels")
-    if os.path.isdir(kernels):
-        roots.append(kernels)
-    return roots
+    return [pkg, pallas_kernels.source_root()]
 
 
 def source_digest(roots: Iterable[str]) -> str:
@@ -80,7 +78,6 @@ def _own_source() -> str:
 def environment() -> dict[str, Any]:
     """What outside the engine's own config decides the compiled code."""
     import jaxlib
-    from pallas_kernels.native.build import REGISTERED_TARGETS
 
     try:
         import flax
@@ -99,7 +96,7 @@ def environment() -> dict[str, Any]:
         "jax_options": options,
         # An executable compiled with a C++ kernel calls it by name: where the kernel did not build (no
         # compiler, another CPU), the pure-JAX fallback's executables must be a different entry.
-        "ffi_targets": sorted(REGISTERED_TARGETS),
+        "ffi_targets": pallas_kernels.registered_ffi_targets(),
     }
 
 

@@ -1,9 +1,9 @@
 """Compile a C++ XLA FFI kernel at first use into a cache folder keyed by its source and flags.
 
 Why at first use: pip installs stay pure Python, and the flags can target the CPU we run on. The shared
-object is named by a hash of (source, the headers beside it, compiler, flags, XLA FFI headers), so an edit or a jaxlib upgrade
-builds a fresh one and a stale one is never loaded. The build writes to a temporary name and renames, so
-two processes building at once both end with a whole file.
+object is named by a hash of (source, the headers beside it, compiler, flags, XLA FFI headers), so an edit or
+a jaxlib upgrade builds a fresh one and a stale one is never loaded. The build writes to a temporary name and
+renames, so two processes building at once both end with a whole file.
 """
 from __future__ import annotations
 
