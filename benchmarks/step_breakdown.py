@@ -198,7 +198,12 @@ def parts(cfg, model, md, ids, caches, t, b, impl):
 
 def trace_ops(entry, state, run, n, top=30):
     """Trace n calls of the forward and sum the CPU thunk events by name (fusions, dots, loops)."""
-    import glob, gzip, json, re, tempfile
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+
     import jax
     fn, donate, a = entry
     d = tempfile.mkdtemp(prefix="step_trace_")
