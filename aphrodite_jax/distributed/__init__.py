@@ -1,5 +1,5 @@
 """Device mesh and logical-axis sharding rules (tensor parallelism over the 'model' mesh axis)."""
-from aphrodite_jax.distributed.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, mesh_tp_size
+from aphrodite_jax.distributed.mesh import MODEL_AXIS, make_mesh, mesh_tp_size
 from aphrodite_jax.distributed.sharding import (
     LOGICAL_RULES,
     logical_to_spec,
@@ -8,5 +8,5 @@ from aphrodite_jax.distributed.sharding import (
     shard_dim_if_divisible,
 )
 
-__all__ = ["DATA_AXIS", "MODEL_AXIS", "make_mesh", "mesh_tp_size", "LOGICAL_RULES", "logical_to_spec",
+__all__ = ["MODEL_AXIS", "make_mesh", "mesh_tp_size", "LOGICAL_RULES", "logical_to_spec",
            "named_sharding", "plan_attention", "shard_dim_if_divisible"]

@@ -2,7 +2,7 @@
 
 Model code annotates every weight with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`,
 or None) as `nnx.Param(..., logical_axes=(...))`; it never names devices. This table maps them onto the
-('data', 'model') mesh. Changing a sharding strategy means changing this table only.
+('model',) mesh. Changing a sharding strategy means changing this table only.
 
 A model whose dimension does not divide evenly by the TP size annotates it with None (replicated) instead
 of the logical name; `shard_dim_if_divisible` is the helper for that decision.

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence as Seq
 
+from aphrodite_jax.engine.detokenizer import finished_text
 from aphrodite_jax.engine.sequence import Sequence, SequenceStatus
 from aphrodite_jax.outputs import CompletionOutput, RequestOutput
 from aphrodite_jax.sampling_params import SamplingParams
@@ -188,7 +189,7 @@ class BeamGroup:
         if need_text:
             new.token_ids.append(c.token_id)
             if new.logprobs is not None:
-                new.logprobs.append(state._logprob_entry(
+                new.logprobs.append(state.logprob_entry(
                     draw._replace(token_id=c.token_id, logprob=c.logprob, rank=c.rank)))
             delta = new.detok.add_token(c.token_id) if new.detok is not None else ""
             new.text += delta
@@ -199,13 +200,8 @@ class BeamGroup:
 
     def _final(self, seq: Sequence, draw: Any, c: Candidate) -> _Final:
         new, res = self._extend(seq, draw, c, full=True)
-        text = new.text
-        if new.detok is not None and res.text_len == len(text):
-            text += new.detok.flush()  # an unfinished character at the very end
-            keep = len(text)
-        else:
-            keep = res.text_len
-        return _Final(new.token_ids, text[:keep], new.logprobs, c.stop[0], c.stop[1])
+        text = finished_text(new.text, new.detok, res.text_len)
+        return _Final(new.token_ids, text, new.logprobs, c.stop[0], c.stop[1])
 
     # -------------------------------------------------------------- the step
     def ready(self) -> bool:

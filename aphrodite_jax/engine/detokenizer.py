@@ -71,6 +71,14 @@ class IncrementalDetokenizer:
         return len(self.token_ids) - self._read
 
 
+def finished_text(text: str, detok: Optional[IncrementalDetokenizer], text_len: int) -> str:
+    """A finished sequence's text: cut to the stop checker's `text_len`, or, when nothing is cut, with
+    what the detokenizer still holds back (an unfinished character at the very end) added."""
+    if detok is not None and text_len == len(text):
+        return text + detok.flush()
+    return text[:text_len]
+
+
 def token_text(tokenizer: Any, token_id: int, skip_special_tokens: bool = False) -> str:
     """The text of one token on its own (for logprob entries); partial bytes show as U+FFFD."""
     return tokenizer.decode([int(token_id)], skip_special_tokens=skip_special_tokens)

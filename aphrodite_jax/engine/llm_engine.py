@@ -21,8 +21,10 @@ from aphrodite_jax.engine.beam_search import BeamGroup
 from aphrodite_jax.engine.request_state import RequestState
 from aphrodite_jax.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup
+from aphrodite_jax.engine.snapshot import EngineSnapshot
 from aphrodite_jax.outputs import RequestOutput
 from aphrodite_jax.runner.compile_guard import forbid_compiles
+from aphrodite_jax.runner.step_io import StepInput
 from aphrodite_jax.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,19 +46,20 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        """`config` is the user's; the engine keeps its resolved, frozen value as `self.config`."""
         from aphrodite_jax.engine.model_setup import build_model_stack  # JAX lives behind this import
 
-        self.config = config
         t0 = time.perf_counter()
         stack = build_model_stack(config)
         t_loaded = time.perf_counter()
+        self.config = config = stack.config
         self.runner = stack.runner
         self.tokenizer = stack.tokenizer
         self.hf_config = stack.hf_config
         self.max_model_len = stack.max_model_len
         self.eos_token_ids = stack.eos_token_ids
-        self.generation_config = stack.generation_config  # the server's chat defaults (decision 20)
-        self.generation_config = stack.generation_config  # generation_config.json defaults ({} if none)
+        # generation_config.json defaults ({} if none): the server's chat defaults (decision 20)
+        self.generation_config = stack.generation_config
         self.sampler = stack.sampler
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,
                                    self.runner.num_cpu_blocks, self.max_model_len,
@@ -72,12 +75,42 @@ class LLMEngine:
         from aphrodite_jax.guided.manager import GuidedDecoding
 
         self.guided = GuidedDecoding(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
-        self.guided.warmup(self.runner.sample_buckets, self.runner._device_put)
+        self.guided.warmup(self.runner.sample_buckets, self.runner.device_put)
         t_ready = time.perf_counter()
-        variants = len(self.runner._compiled) + len(self.sampler._compiled)
+        variants = self.runner.num_variants + self.sampler.num_variants
         self.startup_times = {"ready_s": t_ready - t0, "load_s": t_loaded - t0, "compile_s": t_ready - t_loaded,
                               "variants": variants}  # load: weights, tokenizer, KV cache; compile: warm-up
         logger.info(READY_LOG, t_ready - t0, t_loaded - t0, t_ready - t_loaded, variants)
+
+    # ------------------------------------------------------------------ what the server reads
+    @property
+    def model_name(self) -> Optional[str]:
+        """The model path or hub id as given (None: the bundled default)."""
+        return self.config.model.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.config.max_logprobs
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The checks of sampling params that need this engine's vocabulary (token ids in logit_bias,
+        allowed_token_ids, custom_token_bans). add_request runs them; the server may run them first, off
+        the engine thread, so the error names its field. Raises ValueError."""
+        params.verify_vocab(self.vocab_size)
+
+    def compile_guide(self, guided: Any) -> Any:
+        """Compile (and cache) a request's guided-decoding guide; raises GuideError or ValueError. Safe off
+        the engine thread: the engine's add_request then finds the guide in the cache."""
+        return self.guided.compile(guided)
+
+    def snapshot(self) -> EngineSnapshot:
+        """A copy of the queues, KV usage and counters (not thread-safe itself: AsyncLLMEngine.snapshot)."""
+        return EngineSnapshot.capture(self.stats, self.scheduler, self.runner.num_gpu_blocks,
+                                      self.runner.num_cpu_blocks)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,
@@ -94,7 +127,7 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         params = sampling_params
         params.verify_max_logprobs(self.config.max_logprobs)
-        params.verify_vocab(self.runner.vocab_size)
+        self.check_params(params)
         self.sampler.verify(params)
         width = max(params.n, params.best_of or params.n)
         if width > self.config.scheduler.max_num_seqs:
@@ -106,12 +139,12 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                 f"prompt has {len(prompt_token_ids)} tokens, which leaves no room for output.")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.vocab_size]
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary")
         guide = self.guided.compile(params.guided_decoding) if params.guided_decoding else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
-        seq = Sequence(next(self._seq_ids), prompt_token_ids, self.config.cache.block_size)
+        seq = Sequence(next(self._seq_ids), prompt_token_ids)
         group = SequenceGroup(request_id, [seq], arrival_time or time.time(), params)
         state = RequestState(group=group, params=params, seed=seed, prompt=prompt,
                              prompt_token_ids=prompt_token_ids, tokenizer=self.tokenizer,
@@ -196,28 +229,30 @@ class LLMEngine:
                     sample_rows.append(i)
                     draws.append((i, s.seq, fork, state))
         specs = [state.sample_spec(seq, fork) for _, seq, fork, state in draws]
-        md = None
-        shape = dict(logprobs=any(r.params.logprobs for r in specs), prompt_logprobs=bool(plp))
+        step = StepInput(rows, sample_rows, logprobs=any(r.params.logprobs for r in specs),
+                         prompt_logprobs=bool(plp))
         if specs:
-            bucket = self.runner.buckets_for(sum(len(r[0]) for r in rows), len(specs), **shape)[1]
-            md = self.sampler.metadata(specs, bucket)
-        logits, md = self.runner.run_model(rows, sample_rows, md, **shape)
+            bucket = self.runner.buckets_for(step.num_tokens, len(specs), logprobs=step.logprobs,
+                                             prompt_logprobs=step.prompt_logprobs)[1]
+            step = step._replace(sampling=self.sampler.metadata(specs, bucket))
+        result = self.runner.run_model(step)
+        logits = result.logits
         if sample_rows:  # guided rows: the host fills masks while the device runs the model
             mask = self.guided.bitmask([state.guide_state(seq) for _, seq, _, state in draws], logits.shape[0])
             if mask is not None:
-                logits = self.guided.apply(logits, self.runner._device_put(mask))
+                logits = self.guided.apply(logits, self.runner.device_put(mask))
         if plp:
             idx = [off + p - start for state, start, end, off in plp for p in range(start, end)]
             nxt = [state.prompt_token_ids[p + 1] for state, start, end, _ in plp for p in range(start, end)]
-            arrays = self.runner.prompt_logprobs(idx, nxt)
+            arrays = self.runner.prompt_logprobs(result, idx, nxt)
             k = 0
             for state, start, end, _ in plp:
                 state.set_prompt_logprobs(start, [tuple(a[k + j] for a in arrays) for j in range(end - start)])
                 k += end - start
         if not sample_rows:
             return []
-        result = self.sampler(logits, md, specs)
-        return [(i, seq, fork, result.row(k)) for k, (i, seq, fork, _) in enumerate(draws)]
+        sample = self.sampler(logits, result.sampling, specs)
+        return [(i, seq, fork, sample.row(k)) for k, (i, seq, fork, _) in enumerate(draws)]
 
     def _process(self, out: SchedulerOutput, samples) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}

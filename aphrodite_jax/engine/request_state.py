@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from aphrodite_jax.engine.detokenizer import IncrementalDetokenizer, token_text
+from aphrodite_jax.engine.detokenizer import IncrementalDetokenizer, finished_text, token_text
 from aphrodite_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from aphrodite_jax.engine.stop_checker import StopChecker, StopResult
 from aphrodite_jax.outputs import CompletionOutput, Logprob, RequestOutput
@@ -94,7 +94,7 @@ class RequestState:
             mu = 2.0 * p.mirostat_tau if st.mirostat_mu is None else st.mirostat_mu
             st.mirostat_mu = mirostat_update(mu, draw.logprob, p.mirostat_tau, p.mirostat_eta)
         if st.logprobs is not None:
-            st.logprobs.append(self._logprob_entry(draw))
+            st.logprobs.append(self.logprob_entry(draw))
         delta = st.detok.add_token(draw.token_id) if st.detok is not None else ""
         st.text += delta
         res = self.stop_checker.check(self.params, token_id=draw.token_id, new_text=delta,
@@ -108,17 +108,13 @@ class RequestState:
             res = StopResult("stop", None, len(st.text))
         if not res.finished:
             return False
-        if st.detok is not None and res.text_len == len(st.text):
-            st.text += st.detok.flush()  # an unfinished character at the very end
-            res_len = len(st.text)
-        else:
-            res_len = res.text_len
-        st.text = st.text[:res_len]
+        st.text = finished_text(st.text, st.detok, res.text_len)
         st.finish_reason, st.stop_reason = res.finish_reason, res.stop_reason
         seq.status = SequenceStatus.FINISHED_STOPPED if res.finish_reason == "stop" else SequenceStatus.FINISHED_LENGTH
         return True
 
-    def _logprob_entry(self, draw: Any) -> dict[int, Logprob]:
+    def logprob_entry(self, draw: Any) -> dict[int, Logprob]:
+        """The logprobs entry of one draw: its token and the top `logprobs` (beam search reuses it)."""
         k = self.params.logprobs or 0
         entry = {draw.token_id: Logprob(draw.logprob, draw.rank, self._text(draw.token_id))}
         for r, (tid, lp) in enumerate(zip(draw.topk_ids[:k], draw.topk_logprobs[:k]), start=1):

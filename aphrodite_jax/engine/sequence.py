@@ -1,16 +1,15 @@
 """Request state on the host: `Sequence` (one token stream) and `SequenceGroup` (one request).
 
-Pure Python, no JAX. The scheduler and block manager read and move these; the engine fills the
-free output slots (text, logprobs, finish reason, detokenizer state).
+Pure Python, no JAX. The scheduler and block manager read and move these; the engine keeps each
+request's output state (text, logprobs, finish reason, detokenizer) in its RequestState.
 
 Interface:
 - `SequenceStatus`: WAITING, RUNNING, SWAPPED, FINISHED_STOPPED, FINISHED_LENGTH,
   FINISHED_ABORTED, FINISHED_IGNORED; `SequenceStatus.is_finished(status)`.
-- `Sequence(seq_id, prompt_token_ids, block_size)`: `token_ids` (prompt + output), `prompt_len`,
+- `Sequence(seq_id, prompt_token_ids)`: `token_ids` (prompt + output), `prompt_len`,
   `output_token_ids`, `num_computed_tokens` (tokens whose KV is in the cache), `status`,
   `append_token(token_id, logprob)`, `cumulative_logprob`, `is_finished()`, `get_len()`,
-  `num_uncomputed_tokens`, `is_prefill()`, `fork(new_seq_id, num_tokens=None)`; free slots `output_text`,
-  `output_logprobs`, `finish_reason`, `stop_reason`, `detok`, `extra`.
+  `num_uncomputed_tokens`, `is_prefill()`, `fork(new_seq_id, num_tokens=None)`.
 - `SequenceGroup(request_id, seqs, arrival_time, sampling_params, priority=0)`: `get_seqs(status)`,
   `get_unfinished_seqs()`, `num_seqs(status)`, `is_finished()`, `add(seq)`,
   `max_num_running_seqs()` (reads `sampling_params.n` / `.best_of` if present).
@@ -49,24 +48,16 @@ _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISH
 class Sequence:
     """One token stream: the prompt plus the tokens sampled so far, and how much of it is cached."""
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], block_size: int) -> None:
+    def __init__(self, seq_id: int, prompt_token_ids: list[int]) -> None:
         if len(prompt_token_ids) == 0:
             raise ValueError("a sequence needs at least one prompt token")
         self.seq_id = seq_id
-        self.block_size = block_size
         self.token_ids: list[int] = list(prompt_token_ids)
         self.prompt_len = len(self.token_ids)
         self.num_computed_tokens = 0
         self.status = SequenceStatus.WAITING
         self.cumulative_logprob = 0.0
         self._token_logprobs: list[float] = []  # sampled logprob per output token (for forks)
-        # Free slots filled by the engine; the scheduler never reads them.
-        self.output_text = ""
-        self.output_logprobs: list[Any] = []
-        self.finish_reason: Optional[str] = None
-        self.stop_reason: Any = None
-        self.detok: Any = None
-        self.extra: dict[str, Any] = {}
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -101,8 +92,7 @@ class Sequence:
     def fork(self, new_seq_id: int, num_tokens: Optional[int] = None) -> "Sequence":
         """A sibling with the first `num_tokens` tokens (default all) and the same cache progress.
 
-        Block tables are forked separately. Engine-owned free slots are copied unchanged (the
-        engine re-initialises them for the child).
+        Block tables are forked separately.
         """
         keep = len(self.token_ids) if num_tokens is None else num_tokens
         if not self.prompt_len <= keep <= len(self.token_ids):
@@ -114,9 +104,6 @@ class Sequence:
         child._token_logprobs = self._token_logprobs[:keep - self.prompt_len]
         child.cumulative_logprob = float(sum(child._token_logprobs))
         child.num_computed_tokens = min(self.num_computed_tokens, keep)
-        child.output_logprobs = list(self.output_logprobs[:keep - self.prompt_len])
-        child.extra = dict(self.extra)
-        child.detok = copy.copy(self.detok)
         return child
 
     def __repr__(self) -> str:
@@ -136,8 +123,6 @@ class SequenceGroup:
         self.arrival_time = arrival_time
         self.sampling_params = sampling_params
         self.priority = priority
-        self.extra: dict[str, Any] = {}
-        self.first_scheduled_time: Optional[float] = None
 
     @property
     def prompt_token_ids(self) -> list[int]:

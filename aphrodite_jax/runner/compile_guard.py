@@ -21,7 +21,14 @@ class CompileCounter:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def _on_event(self, event: str, duration: float, **_: object) -> None:
+    def set_forbidden(self, forbid: bool) -> bool:
+        """Make compiles on this thread raise (or not); returns the previous setting."""
+        prev = getattr(self._local, "forbid", False)
+        self._local.forbid = forbid
+        return prev
+
+    def on_event(self, event: str, duration: float, **_: object) -> None:
+        """The jax.monitoring listener."""
         if event not in (_TRACE_EVENT, _COMPILE_EVENT):
             return
         with self._lock:
@@ -36,17 +43,16 @@ class CompileCounter:
 
 
 COUNTER = CompileCounter()
-jax.monitoring.register_event_duration_secs_listener(COUNTER._on_event)
+jax.monitoring.register_event_duration_secs_listener(COUNTER.on_event)
 
 
 class forbid_compiles:
     """Context manager: any trace or compile inside (on this thread) raises RuntimeError."""
 
     def __enter__(self):
-        self._prev = getattr(COUNTER._local, "forbid", False)
-        COUNTER._local.forbid = True
+        self._prev = COUNTER.set_forbidden(True)
         return self
 
     def __exit__(self, *exc):
-        COUNTER._local.forbid = self._prev
+        COUNTER.set_forbidden(self._prev)
         return False

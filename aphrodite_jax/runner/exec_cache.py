@@ -222,7 +222,8 @@ class ExecutableCache:
         try:
             from jax.experimental.serialize_executable import serialize
 
-            # The devices it runs on: by default the loader would assume all of them.
+            # The devices it runs on: by default the loader would assume all of them. JAX's Compiled has
+            # no public accessor for its executable's devices; this is the one place that reaches in.
             device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
             body = pickle.dumps((*serialize(compiled), device_ids), protocol=pickle.HIGHEST_PROTOCOL)
             fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")

@@ -18,10 +18,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from aphrodite_jax.config import EngineConfig
+from aphrodite_jax.config import ResolvedConfig
 from aphrodite_jax.layers.attention_metadata import AttentionMetadata
 from aphrodite_jax.runner.buckets import pick_bucket, power_of_two_buckets, step_shapes
 from aphrodite_jax.runner.exec_cache import CompileJob, ExecutableCache, compile_one
+from aphrodite_jax.runner.step_io import Row, StepInput, StepOutput
 from aphrodite_jax.tuning import profile_for
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def kv_cache_spec_for(model: Any, hf_config: Any, tp_size: int, dtype: Any) -> K
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: Any, hf_config: Any, *, max_model_len: int,
+    def __init__(self, config: ResolvedConfig, model: Any, hf_config: Any, *, max_model_len: int,
                  vocab_size: int, dtype: Any, mesh: Optional[jax.sharding.Mesh] = None,
                  sampler: Any = None):
         self.config = config
@@ -128,8 +129,19 @@ class ModelRunner:
         alloc = jax.jit(lambda: jnp.zeros(shape, s.dtype), out_shardings=sharding)
         return [alloc() for _ in range(s.num_layers)]
 
-    def _replicated(self):
+    @property
+    def replicated_sharding(self) -> Optional[NamedSharding]:
+        """The sharding of host inputs and small outputs: replicated over the mesh (None without one)."""
         return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+    @property
+    def num_variants(self) -> int:
+        """Compiled (or loaded) step executables."""
+        return len(self._compiled)
+
+    def mark_warm(self) -> None:
+        """Warm-up is done: a variant compiled from now on is logged as a missed bucket."""
+        self._warm = True
 
     def _build_jits(self) -> None:
         """Jitted pure functions; `warmup()` compiles them ahead of time for every bucket."""
@@ -153,12 +165,12 @@ class ModelRunner:
 
             return tuple(prompt_logprobs(logits(leaves, hidden, idx), next_ids, num_logprobs=max_lp))
 
-        fwd_out = None if cache_sharding is None else (self._replicated(), [cache_sharding] * n_layers)
+        fwd_out = None if cache_sharding is None else (self.replicated_sharding, [cache_sharding] * n_layers)
         cache_out = None if cache_sharding is None else [cache_sharding] * n_layers
         self._jits = {
             "forward": jax.jit(forward, static_argnames=("num_tokens",), donate_argnums=(1,),
                                out_shardings=fwd_out),
-            "logits": jax.jit(logits, out_shardings=self._replicated()),
+            "logits": jax.jit(logits, out_shardings=self.replicated_sharding),
             "prompt_lp": jax.jit(prompt_lp),
             "copy": jax.jit(lambda c, src, dst: [x.at[dst].set(x[src], mode="drop") for x in c],
                             donate_argnums=(0,), out_shardings=cache_out),
@@ -178,9 +190,9 @@ class ModelRunner:
             self._compiled[(name,) + key] = fn
         return fn(*args)
 
-    def _device_put(self, x: Any) -> Any:
+    def device_put(self, x: Any) -> Any:
         """Host array (or pytree of them) -> device, replicated over the mesh when there is one."""
-        return jax.device_put(x, self._replicated()) if self.mesh is not None else jax.device_put(x)
+        return jax.device_put(x, self.replicated_sharding) if self.mesh is not None else jax.device_put(x)
 
     # ------------------------------------------------------------------ packing
     def _layout(self, num_tokens: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -199,7 +211,7 @@ class ModelRunner:
                                num_seqs=parts["num_seqs"])
         return parts["ids"], md
 
-    def _pack(self, num_tokens: int, rows: Sequence[tuple[list[int], int, list[int]]]) -> np.ndarray:
+    def _pack(self, num_tokens: int, rows: Sequence[Row]) -> np.ndarray:
         """rows: (new token ids, start position, page table) per sequence, in batch order."""
         layout = self._layout(num_tokens)
         total = sum(math.prod(shape) for _, shape in layout)
@@ -234,41 +246,33 @@ class ModelRunner:
         b = pick_bucket(self.sample_buckets[1:], max(num_samples, 1))
         return pick_bucket(self.token_buckets[1:], max(num_tokens, b)), b
 
-    def run_model(self, rows: Sequence[tuple[list[int], int, list[int]]], sample_rows: Sequence[int],
-                  extra: Any = None, *, logprobs: bool = False, prompt_logprobs: bool = False):
-        """Run the model on a ragged batch.
-
-        rows: (new token ids, start position, page table) per sequence; sample_rows: indices into
-        `rows` whose last token's logits are wanted; extra: a host pytree (the sampler's metadata) that
-        rides along in the step's one `device_put`; logprobs, prompt_logprobs: as in `buckets_for`. Returns (logits f32[B_bucket, V] or None,
-        extra on device).
-        """
-        num_tokens = sum(len(r[0]) for r in rows)
-        t, b = self.buckets_for(num_tokens, len(sample_rows), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    def run_model(self, step: StepInput) -> StepOutput:
+        """Run the model on a ragged batch (see StepInput) padded to its (token, sample) buckets. The
+        sampler metadata rides along in the step's one `device_put`."""
+        t, b = self.buckets_for(step.num_tokens, len(step.sample_rows), logprobs=step.logprobs,
+                                prompt_logprobs=step.prompt_logprobs)
         idx = np.zeros(b, np.int32)
-        if sample_rows:
-            ends = np.cumsum([len(r[0]) for r in rows]) - 1
-            idx[:len(sample_rows)] = ends[np.asarray(sample_rows)]
-        packed, idx, extra = self._device_put((self._pack(t, rows), idx, extra))  # one transfer
+        if step.sample_rows:
+            ends = np.cumsum([len(r[0]) for r in step.rows]) - 1
+            idx[:len(step.sample_rows)] = ends[np.asarray(step.sample_rows)]
+        packed, idx, sampling = self.device_put((self._pack(t, step.rows), idx, step.sampling))  # one transfer
         hidden, self.kv_caches = self._call("forward", (t,), self._leaves, self.kv_caches, packed,
                                             num_tokens=t)
-        self._last_hidden, self._last_t = hidden, t  # for prompt logprobs of this step
-        if not sample_rows:
-            return None, extra
-        return self._call("logits", (t, b), self._leaves, hidden, idx), extra
+        logits = self._call("logits", (t, b), self._leaves, hidden, idx) if step.sample_rows else None
+        return StepOutput(logits=logits, sampling=sampling, hidden=hidden, token_bucket=t)
 
-    def prompt_logprobs(self, token_idx: Sequence[int], next_ids: Sequence[int]):
-        """Logprob, rank and top-`max_logprobs` of the given next token at rows `token_idx` of the last
-        step's tokens (all padded to the step's token bucket). Returns host arrays."""
-        t = self._last_t
+    def prompt_logprobs(self, out: StepOutput, token_idx: Sequence[int], next_ids: Sequence[int]):
+        """Logprob, rank and top-`max_logprobs` of the given next token at rows `token_idx` of the step
+        `out` came from (all padded to its token bucket). Returns host arrays."""
+        t = out.token_bucket
         idx = np.zeros(t, np.int32)
         nxt = np.zeros(t, np.int32)
         idx[:len(token_idx)] = token_idx
         nxt[:len(next_ids)] = next_ids
-        out = self._call("prompt_lp", (t,), self._leaves, self._last_hidden, self._device_put(idx),
-                         self._device_put(nxt))
+        res = self._call("prompt_lp", (t,), self._leaves, out.hidden, self.device_put(idx),
+                         self.device_put(nxt))
         n = len(token_idx)
-        return tuple(np.asarray(x)[:n] for x in out)
+        return tuple(np.asarray(x)[:n] for x in res)
 
     def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: copy page src -> dst for each pair, in chunks of COPY_CHUNK."""
@@ -278,8 +282,8 @@ class ModelRunner:
             dst = np.full(COPY_CHUNK, self.num_gpu_blocks, np.int32)
             src[:len(chunk)] = [p[0] for p in chunk]
             dst[:len(chunk)] = [p[1] for p in chunk]
-            self.kv_caches = self._call("copy", (), self.kv_caches, self._device_put(src),
-                                        self._device_put(dst))
+            self.kv_caches = self._call("copy", (), self.kv_caches, self.device_put(src),
+                                        self.device_put(dst))
 
     def _host_cache(self) -> np.ndarray:
         if self.host_cache is None:
@@ -295,7 +299,7 @@ class ModelRunner:
             chunk = pairs[i:i + COPY_CHUNK]
             idx = np.zeros(COPY_CHUNK, np.int32)
             idx[:len(chunk)] = [p[0] for p in chunk]
-            data = np.asarray(self._call("gather", (), self.kv_caches, self._device_put(idx)))
+            data = np.asarray(self._call("gather", (), self.kv_caches, self.device_put(idx)))
             host[:, [p[1] for p in chunk]] = data[:, :len(chunk)]
 
     def swap_in(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -308,8 +312,8 @@ class ModelRunner:
             idx[:len(chunk)] = [p[1] for p in chunk]
             data = np.zeros((s.num_layers, COPY_CHUNK) + host.shape[2:], host.dtype)
             data[:, :len(chunk)] = host[:, [p[0] for p in chunk]]
-            self.kv_caches = self._call("scatter", (), self.kv_caches, self._device_put(idx),
-                                        self._device_put(data))
+            self.kv_caches = self._call("scatter", (), self.kv_caches, self.device_put(idx),
+                                        self.device_put(data))
 
     # ------------------------------------------------------------------ warm-up
     def warmup_jobs(self) -> list[CompileJob]:
@@ -317,7 +321,7 @@ class ModelRunner:
         nothing runs). Add a new step variant here and warm-up, the compile guard and the executable
         cache all cover it."""
         i32 = jnp.int32
-        sds = lambda shape, dtype=i32: jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated())
+        sds = lambda shape, dtype=i32: jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated_sharding)
         hidden_size = self.hf_config.hidden_size
         jobs = []
         for t in self.token_buckets:

@@ -45,7 +45,7 @@ def _run(loaded, mesh=None, steps: int = 2) -> np.ndarray:
 def four_devices():
     if len(jax.devices()) < TP:
         pytest.skip("needs 4 (virtual) devices: run under tests/conftest.py")
-    return make_mesh(tp_size=TP, dp_size=1)
+    return make_mesh(tp_size=TP)
 
 
 @pytest.mark.parametrize("case", list(CASES))

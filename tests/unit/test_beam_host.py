@@ -149,7 +149,7 @@ def make_request(prompt, width, max_new, n=None, **kw):
     sched = Scheduler(SchedulerConfig(max_num_seqs=16), CacheConfig(block_size=BS), 64, 0, 256)
     params = SamplingParams(use_beam_search=True, best_of=width, n=n or width, temperature=0.0,
                             max_tokens=max_new, **kw)
-    seq = Sequence(0, list(prompt), BS)
+    seq = Sequence(0, list(prompt))
     group = SequenceGroup("r", [seq], 0.0, params)
     state = RequestState(group=group, params=params, seed=0, prompt=None, prompt_token_ids=list(prompt),
                          tokenizer=None, eos_token_ids=(EOS,), max_model_len=256)
@@ -244,7 +244,7 @@ def test_preempted_beam_requests_give_the_same_beams(num_cpu):
     for i, p in enumerate(prompts):
         params = SamplingParams(use_beam_search=True, best_of=4, n=4, temperature=0.0, max_tokens=14,
                                 early_stopping="never")
-        seq = Sequence(i * 1000, list(p), BS)
+        seq = Sequence(i * 1000, list(p))
         group = SequenceGroup(str(i), [seq], float(i), params)
         st = RequestState(group=group, params=params, seed=0, prompt=None, prompt_token_ids=list(p),
                           tokenizer=None, eos_token_ids=(EOS,), max_model_len=256)

@@ -6,7 +6,7 @@ BS = 4
 
 
 def make_group(seq_id, tokens, rid=None):
-    seq = Sequence(seq_id, list(tokens), BS)
+    seq = Sequence(seq_id, list(tokens))
     return SequenceGroup(rid or f"r{seq_id}", [seq], arrival_time=float(seq_id)), seq
 
 
@@ -146,12 +146,12 @@ def test_cached_free_pages_count_as_free_and_are_evicted_lru():
     bm.free(a)  # freed first: least recently used
     bm.free(b)
     assert bm.num_free_gpu_blocks == n
-    assert bm.peek_num_cached_tokens(Sequence(9, [1] * BS + [5], BS)) == BS
+    assert bm.peek_num_cached_tokens(Sequence(9, [1] * BS + [5])) == BS
     # Six fresh pages: only five hold no cached content, so one cached page is evicted: a's.
     _, c = admit(bm, 3, [7] * (5 * BS + 1))
     assert bm.num_evictions == 1
-    assert bm.peek_num_cached_tokens(Sequence(10, [1] * BS + [5], BS)) == 0
-    assert bm.peek_num_cached_tokens(Sequence(11, [2] * BS + [5], BS)) == BS
+    assert bm.peek_num_cached_tokens(Sequence(10, [1] * BS + [5])) == 0
+    assert bm.peek_num_cached_tokens(Sequence(11, [2] * BS + [5])) == BS
     bm.free(c)
     assert bm.num_free_gpu_blocks == n
     # A hit on a free cached page reuses that very page and takes it out of the free pool.

@@ -25,7 +25,7 @@ def make_sched(num_gpu=64, num_cpu=0, max_model_len=256, prefix=False, token_buc
 
 
 def add(s, rid, prompt, t=None, params=None):
-    seq = Sequence(int(rid), list(prompt), BS)
+    seq = Sequence(int(rid), list(prompt))
     g = SequenceGroup(str(rid), [seq], arrival_time=float(rid if t is None else t),
                       sampling_params=params)
     s.add_seq_group(g)
