@@ -68,6 +68,11 @@ class FlexibleArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse calls this for unknown flags and bad values
         raise CLIError(message)
 
+    def actions(self) -> list[argparse.Action]:
+        """Every flag and argument of this parser. argparse keeps them in `_actions` without a public
+        accessor; this is the one place that reads it (the YAML reader needs each flag's kind)."""
+        return list(self._actions)
+
 
 def json_str_list(value: str) -> list[str]:
     """`--allowed-origins '["https://a"]'` (Aphrodite parses these as JSON); a bare word is one item."""
@@ -208,7 +213,7 @@ SERVING_KEYS = {"host", "port", "uvicorn_log_level", "api_keys", "admin_key", "c
 ENGINE_KEYS = {"model", "tokenizer", "max_model_len", "dtype", "seed", "load_format", "max_logprobs",
                "tensor_parallel_size", "block_size", "num_gpu_blocks_override", "gpu_memory_utilization",
                "kv_cache_memory", "swap_space", "enable_prefix_caching", "enable_chunked_prefill",
-               "max_num_seqs", "max_num_batched_tokens", "preemption_mode", "disable_log_stats",
+               "max_num_seqs", "max_num_batched_tokens", "preemption_mode",
                "compilation_cache_dir", "max_queue_len", "quantization", "attention_backend"}
 
 
@@ -273,7 +278,7 @@ def _yaml_items(data: Any, path: str) -> dict[str, Any]:
 
 def _known_dests() -> dict[str, argparse.Action]:
     parser = build_flat_parser()
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    return {a.dest: a for a in parser.actions() if a.option_strings and a.dest not in ("help", "config")}
 
 
 def yaml_to_argv(path: str) -> list[str]:

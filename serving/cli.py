@@ -126,7 +126,7 @@ def run_server(engine_config: EngineConfig, serving_config: ServingConfig) -> in
     host = serving_config.host or "0.0.0.0"  # Aphrodite binds every interface when --host is absent
     logger.info("loading model %s", served_name(engine_config, serving_config))
     engine = AsyncLLMEngine(LLMEngine(engine_config))
-    stats = None if serving_config.disable_log_stats else StatsLogger(engine.engine).start()
+    stats = None if serving_config.disable_log_stats else StatsLogger(engine).start()
     stopped = False
     status = 0
 

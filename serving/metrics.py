@@ -2,19 +2,20 @@
 
 Why per app: tests build several apps in one process over one shared engine, and the global registry
 would refuse the second set of metrics. Two sources feed it:
-- scrape-time reads of the engine (requests running/waiting/swapped, KV usage, compile count), which
-  are state, not events;
+- the engine's snapshot at scrape time (requests running/waiting/swapped, KV usage) and the compile
+  count, which are state, not events;
 - per-request events seen by this app, from `InstrumentedEngine`, a thin proxy over the AsyncLLMEngine
   that every route of the app uses: token totals, TTFT / time per output token / end-to-end latency
   histograms and finished requests by finish reason. So the counters count exactly what this app served.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -33,17 +34,16 @@ class _EngineState:
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        llm = self.engine.engine
-        sched = llm.scheduler
+        snap = self.engine.snapshot()  # waits for a running step: render() runs off the event loop
         labels = ["model_name"]
         for name, doc, value in (
-                ("aphrodite:num_requests_running", "Requests running on the device.", len(sched.running)),
-                ("aphrodite:num_requests_waiting", "Requests waiting to be scheduled.", len(sched.waiting)),
-                ("aphrodite:num_requests_swapped", "Requests swapped out to host memory.", len(sched.swapped)),
+                ("aphrodite:num_requests_running", "Requests running on the device.", snap.num_running),
+                ("aphrodite:num_requests_waiting", "Requests waiting to be scheduled.", snap.num_waiting),
+                ("aphrodite:num_requests_swapped", "Requests swapped out to host memory.", snap.num_swapped),
                 ("aphrodite:gpu_cache_usage_perc", "Fraction of device KV pages in use (0..1).",
-                 sched.gpu_cache_usage),
+                 snap.gpu_cache_usage),
                 ("aphrodite:cpu_cache_usage_perc", "Fraction of host swap KV pages in use (0..1).",
-                 sched.cpu_cache_usage)):
+                 snap.cpu_cache_usage)):
             g = GaugeMetricFamily(name, doc, labels=labels)
             g.add_metric([self.model_name], float(value))
             yield g
@@ -95,13 +95,13 @@ class InstrumentedEngine:
 
     def __init__(self, engine: Any, metrics: ServerMetrics):
         self._engine = engine
-        self._metrics = metrics
+        self.metrics = metrics
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        m = self._metrics
+        m = self.metrics
         start, first, last = time.monotonic(), None, None
         agen = self._engine.generate(*args, **kwargs)
         try:
@@ -124,4 +124,4 @@ class InstrumentedEngine:
 def install_metrics(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def get_metrics() -> Response:
-        return metrics.render()
+        return await asyncio.to_thread(metrics.render)  # the engine snapshot may wait for a step

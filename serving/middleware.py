@@ -8,6 +8,7 @@ CORS sits outside auth so a 401 still carries CORS headers and preflights never 
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import inspect
@@ -70,21 +71,15 @@ def install_admin(app: FastAPI, engine: Any, config: ServingConfig) -> None:
     @app.get("/v1/admin/status", tags=["admin"])
     async def admin_status():
         """Requests in flight, KV usage and the configuration (admin key required)."""
-        llm = engine.engine
-        sched = llm.scheduler
-        groups = [("running", g) for g in list(sched.running)] + [("waiting", g) for g in list(sched.waiting)] \
-            + [("swapped", g) for g in list(sched.swapped)]
-        requests = [{"request_id": g.request_id, "state": state,
-                     "prompt_tokens": len(g.get_seqs()[0].prompt_token_ids) if g.get_seqs() else 0,
-                     "output_tokens": max((s.get_output_len() for s in g.get_seqs()), default=0)}
-                    for state, g in groups]
+        snap = await asyncio.to_thread(engine.snapshot)  # between two steps, off the event loop
+        requests = [{"request_id": r.request_id, "state": r.state, "prompt_tokens": r.prompt_tokens,
+                     "output_tokens": r.output_tokens} for r in snap.requests]
         return {"requests": requests,
-                "num_requests": {"running": len(sched.running), "waiting": len(sched.waiting),
-                                 "swapped": len(sched.swapped)},
-                "kv_cache": {"gpu_usage": sched.gpu_cache_usage, "cpu_usage": sched.cpu_cache_usage,
-                             "num_gpu_blocks": llm.runner.num_gpu_blocks,
-                             "num_cpu_blocks": llm.runner.num_cpu_blocks},
-                "engine_config": _public_config(llm.config),
+                "num_requests": {"running": snap.num_running, "waiting": snap.num_waiting,
+                                 "swapped": snap.num_swapped},
+                "kv_cache": {"gpu_usage": snap.gpu_cache_usage, "cpu_usage": snap.cpu_cache_usage,
+                             "num_gpu_blocks": snap.num_gpu_blocks, "num_cpu_blocks": snap.num_cpu_blocks},
+                "engine_config": _public_config(engine.resolved_config),
                 "serving_config": _public_config(config)}
 
 
@@ -99,7 +94,7 @@ def install_playground(app: FastAPI) -> None:
 def install_surface(app: FastAPI, engine: Any, config: ServingConfig) -> None:
     from serving.kobold.api import install_kobold
 
-    install_metrics(app, engine._metrics if isinstance(engine, InstrumentedEngine) else
+    install_metrics(app, engine.metrics if isinstance(engine, InstrumentedEngine) else
                     ServerMetrics(engine, app.state.served_model_names[0]))
     install_kobold(app, engine, config)
     install_admin(app, engine, config)

@@ -1,8 +1,8 @@
 """Periodic throughput/queue log lines while the engine is busy (what `--disable-log-stats` turns off).
 
 Aphrodite logs these from its step loop every 5 s. Our engine thread must not block on logging, so a
-small daemon thread reads the engine's counters instead; it writes nothing while the engine is idle.
-The numbers are for humans: they are read without locks and may be one step stale.
+small daemon thread takes the engine's snapshot instead (AsyncLLMEngine.snapshot, between two steps);
+it writes nothing while the engine is idle.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ logger = logging.getLogger("aphrodite_jax.serving.stats")
 
 class StatsLogger:
     def __init__(self, engine: Any, interval_s: float = 5.0):
-        self.engine = engine  # an LLMEngine (it has .stats and .scheduler)
+        self.engine = engine  # anything with snapshot() -> EngineSnapshot (an AsyncLLMEngine)
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aphrodite-stats", daemon=True)
@@ -33,26 +33,27 @@ class StatsLogger:
 
     def line(self) -> str | None:
         """The next log line, or None when nothing ran since the last one."""
-        stats, sched = self.engine.stats, self.engine.scheduler
+        snap = self.engine.snapshot()
         now = time.monotonic()
         t0, steps0, prompt0, gen0 = self._last
-        steps, prompt, gen = stats.steps, stats.prompt_tokens, stats.generation_tokens
+        steps, prompt, gen = snap.steps, snap.prompt_tokens, snap.generation_tokens
         self._last = (now, steps, prompt, gen)
         if steps == steps0:
             return None
         dt = max(now - t0, 1e-9)
         return (f"Avg prompt throughput: {(prompt - prompt0) / dt:.1f} tokens/s, "
                 f"Avg generation throughput: {(gen - gen0) / dt:.1f} tokens/s, "
-                f"Running: {len(sched.running)} reqs, Swapped: {len(sched.swapped)} reqs, "
-                f"Pending: {len(sched.waiting)} reqs, "
-                f"GPU KV cache usage: {100 * sched.gpu_cache_usage:.1f}%, "
-                f"CPU KV cache usage: {100 * sched.cpu_cache_usage:.1f}%")
+                f"Running: {snap.num_running} reqs, Swapped: {snap.num_swapped} reqs, "
+                f"Pending: {snap.num_waiting} reqs, "
+                f"GPU KV cache usage: {100 * snap.gpu_cache_usage:.1f}%, "
+                f"CPU KV cache usage: {100 * snap.cpu_cache_usage:.1f}%")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 text = self.line()
-            except Exception:  # a list changed under us mid-read: skip this tick
+            except Exception:  # the engine is gone or failing: skip this tick
+                logger.debug("stats snapshot failed", exc_info=True)
                 continue
             if text:
                 logger.info(text)

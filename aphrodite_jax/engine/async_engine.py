@@ -12,6 +12,11 @@ every stream and queued request gets EngineDeadError, `is_running` turns False (
 answers 503) and the `on_dead` callbacks run, so the server can exit non-zero for its supervisor.
 Overload: with `max_queue_len` set, a request arriving while that many are already waiting for a slot
 is refused with QueueFullError (the server's 503 + Retry-After) instead of queueing without bound.
+
+Public face: the server reads the engine only through this class: the model facts (`model_name`,
+`max_model_len`, `vocab_size`, ...), `check_params`, `compile_guide` and `snapshot()`. The engine thread
+holds `_engine_lock` while it changes the LLMEngine (adding, stepping, aborting), so a snapshot taken
+under it from any thread sees the queues between two steps, never halfway through one.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Callable, Optional
 
 from aphrodite_jax.config import EngineConfig
+from aphrodite_jax.engine.snapshot import EngineSnapshot
 from aphrodite_jax.outputs import RequestOutput
 from aphrodite_jax.sampling_params import SamplingParams
 
@@ -67,6 +73,7 @@ class AsyncLLMEngine:
         """`max_queue_len` overrides the engine config's `scheduler.max_queue_len`."""
         self.engine = engine
         self._cv = threading.Condition()
+        self._engine_lock = threading.RLock()  # held by the engine thread while it changes the engine
         self._inbox: deque = deque()
         self._aborts: deque = deque()
         self._streams: dict[str, _Stream] = {}
@@ -86,9 +93,61 @@ class AsyncLLMEngine:
 
         return cls(LLMEngine(EngineConfig.from_kwargs(**kwargs)))
 
+    # ------------------------------------------------------------------ what the server reads
+    # Facts fixed at start-up: safe to read from any thread.
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> Optional[str]:
+        """The model path or hub id as given (None: the bundled default)."""
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.engine.max_logprobs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.engine.eos_token_ids)
+
+    @property
+    def hf_config(self) -> Any:
+        return self.engine.hf_config
+
+    @property
+    def generation_config(self) -> dict:
+        """generation_config.json's sampling defaults ({} when the model has none)."""
+        return self.engine.generation_config or {}
+
+    @property
+    def resolved_config(self) -> Any:
+        """The engine's resolved (frozen) config."""
+        return self.engine.config
+
+    def check_params(self, params: SamplingParams) -> None:
+        """LLMEngine.check_params: the vocabulary checks of sampling params (ValueError)."""
+        self.engine.check_params(params)
+
+    def compile_guide(self, guided: Any) -> Any:
+        """Compile (and cache) a guided-decoding guide; blocking, so callers on an event loop run it in a
+        worker thread. Raises GuideError or ValueError."""
+        return self.engine.compile_guide(guided)
+
+    def snapshot(self) -> EngineSnapshot:
+        """Queues, KV usage and counters, taken between two engine steps (this waits for a running
+        step to end: call it off the event loop). Thread-safe."""
+        with self._engine_lock:
+            return self.engine.snapshot()
 
     @property
     def is_running(self) -> bool:
@@ -207,15 +266,16 @@ class AsyncLLMEngine:
                     self._cv.wait()
                 if self._stopped:
                     return
-            self._drain_inbox()
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a failed step fails its requests, not the server
-                if not self._step_failed(exc):
-                    return
-                continue
+            with self._engine_lock:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a failed step fails its requests, not the server
+                    if not self._step_failed(exc):
+                        return
+                    continue
             self.consecutive_failures = 0
             # One wake-up of each event loop per step for all its streams, not one per stream.
             batches: dict[asyncio.AbstractEventLoop, list] = {}
@@ -268,7 +328,8 @@ class AsyncLLMEngine:
     def _fail(self, request_ids, exc: BaseException) -> None:
         for rid in request_ids:
             try:
-                self.engine.abort_request(rid)
+                with self._engine_lock:
+                    self.engine.abort_request(rid)
             except Exception:  # pragma: no cover - best effort while failing
                 logger.exception("abort after failure")
             stream = self._streams.pop(rid, None)

@@ -66,8 +66,7 @@ class KoboldServing:
     def badwords(self) -> list[int]:
         """The model config's bad_words_ids, else every vocab token with '[' or ']' (not pad) + EOS."""
         if self._badwords is None:
-            llm = self.engine.engine
-            cfg = getattr(llm, "hf_config", None)
+            cfg = self.engine.hf_config
             ids = getattr(cfg, "bad_words_ids", None) if cfg is not None else None
             if ids:
                 flat = [t for group in ids for t in (group if isinstance(group, list) else [group])]
@@ -75,8 +74,8 @@ class KoboldServing:
                 pad = getattr(self.tokenizer, "pad_token_id", None)
                 flat = [i for tok, i in self.tokenizer.get_vocab().items()
                         if ("[" in tok or "]" in tok) and i != pad]
-            flat += list(llm.eos_token_ids)
-            vocab = llm.runner.vocab_size
+            flat += list(self.engine.eos_token_ids)
+            vocab = self.engine.vocab_size
             self._badwords = sorted({t for t in flat if 0 <= t < vocab})
         return self._badwords
 
@@ -105,7 +104,7 @@ class KoboldServing:
             return None
         try:
             guided = GuidedDecodingParams(grammar=req.grammar, backend=self.config.guided_decoding_backend)
-            await asyncio.to_thread(self.engine.engine.guided.compile, guided)
+            await asyncio.to_thread(self.engine.compile_guide, guided)
         except (GuideError, ValueError) as exc:
             msg = str(exc)
             raise APIError(msg if "grammar" in msg else f"grammar: {msg}", 400, "grammar") from None
@@ -122,7 +121,7 @@ class KoboldServing:
             if guided is not None:
                 kw["guided_decoding"] = guided
             params = SamplingParams(**kw)
-            params.verify_vocab(self.engine.engine.runner.vocab_size)
+            self.engine.check_params(params)
         except KoboldRequestError as exc:
             raise APIError(str(exc), 400, exc.field) from None
         except (ValueError, TypeError) as exc:

@@ -71,7 +71,7 @@ def build_app(engine: Any, config: ServingConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def show_models():
-        root = engine.engine.config.model.model or completion.model_name
+        root = engine.model_name or completion.model_name
         cards = [ModelCard(id=name, root=root, max_model_len=completion.max_model_len)
                  for name in completion.names]
         return ModelList(data=cards)
@@ -88,7 +88,7 @@ def build_app(engine: Any, config: ServingConfig) -> FastAPI:
     @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
     async def detokenize(body: DetokenizeRequest):
         completion.check_model(body.model)
-        vocab = engine.engine.runner.vocab_size
+        vocab = engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(f"tokens: id {bad[0]} is outside the vocabulary (size {vocab})", 400, "tokens")

@@ -23,7 +23,7 @@ _PARAMS = set(SAMPLER_FIELDS) | {"max_tokens", "logprobs", "prompt_logprobs", "t
 def served_names(engine: Any, config: ServingConfig) -> list[str]:
     if config.served_model_name:
         return list(config.served_model_name)
-    return [engine.engine.config.model.model or "default"]
+    return [engine.model_name or "default"]
 
 
 class OpenAIServing:
@@ -32,10 +32,10 @@ class OpenAIServing:
         self.config = config
         self.names = served_names(engine, config)
         self.tokenizer = engine.tokenizer
-        self.max_model_len: int = engine.engine.max_model_len
-        self.max_logprobs: int = engine.engine.config.max_logprobs
+        self.max_model_len: int = engine.max_model_len
+        self.max_logprobs: int = engine.max_logprobs
         self.render = TokenRenderer(self.tokenizer, config.return_tokens_as_token_ids)
-        self.generation_config: dict = getattr(engine.engine, "generation_config", None) or {}
+        self.generation_config: dict = engine.generation_config or {}
 
     @property
     def model_name(self) -> str:
@@ -127,7 +127,7 @@ class OpenAIServing:
             backend = req.guided_decoding_backend or (
                 None if req.guided_whitespace_pattern else self.config.guided_decoding_backend)
             guided = GuidedDecodingParams(**kw, backend=backend, whitespace_pattern=req.guided_whitespace_pattern)
-            await asyncio.to_thread(self.engine.engine.guided.compile, guided)
+            await asyncio.to_thread(self.engine.compile_guide, guided)
         except GuideError as exc:
             param = exc.param if name.startswith("guided_") or exc.param == "guided_whitespace_pattern" else name
             msg = str(exc) if param in str(exc) else f"{param}: {exc}"
@@ -150,7 +150,7 @@ class OpenAIServing:
             kw["seed"] = None
         try:
             params = SamplingParams(**kw)
-            params.verify_vocab(self.engine.engine.runner.vocab_size)
+            self.engine.check_params(params)
         except (ValueError, TypeError) as exc:
             raise APIError(str(exc), 400, param_of(str(exc), _PARAMS)) from None
         return params

@@ -81,7 +81,6 @@ def test_help_exits_zero_without_loading_jax():
     (["--max-log-len", "100"], "serving.max_log_len", 100),
     (["--disable-log-requests"], "serving.disable_log_requests", True),
     (["--disable-log-stats"], "serving.disable_log_stats", True),
-    (["--disable-log-stats"], "engine.disable_log_stats", True),
     (["--uvicorn-log-level", "warning"], "serving.uvicorn_log_level", "warning"),
     (["--max-num-seqs", "32"], "engine.scheduler.max_num_seqs", 32),
     (["--max-num-batched-tokens", "4096"], "engine.scheduler.max_num_batched_tokens", 4096),
@@ -350,11 +349,12 @@ def test_stats_logger_line_only_after_work():
     from aphrodite_jax.config import CacheConfig, SchedulerConfig
     from aphrodite_jax.engine.llm_engine import EngineStats
     from aphrodite_jax.engine.scheduler import Scheduler
+    from aphrodite_jax.engine.snapshot import EngineSnapshot
     from serving.stats_logger import StatsLogger
 
     engine = SimpleNamespace(stats=EngineStats(),
                              scheduler=Scheduler(SchedulerConfig(), CacheConfig(), 64, 16, 2048))
-    stats = StatsLogger(engine)
+    stats = StatsLogger(SimpleNamespace(snapshot=lambda: EngineSnapshot.capture(engine.stats, engine.scheduler)))
     assert stats.line() is None
     engine.stats.steps, engine.stats.prompt_tokens, engine.stats.generation_tokens = 3, 40, 2
     text = stats.line()

@@ -372,9 +372,10 @@ def served(monkeypatch, fake):
 
     class FakeAsync:
         def __init__(self, llm):
-            self.engine = fake.engine
-            self.tokenizer = fake.tokenizer
             self.is_running = True
+
+        def __getattr__(self, name):  # the rest of the public face: the protocol tests' fake engine
+            return getattr(fake, name)
 
         def shutdown(self):
             rec.shutdown += 1
@@ -425,4 +426,4 @@ def test_disable_log_stats(served):
     assert len(rec.stats) == 1 and rec.stats[0].started and rec.stats[0].stopped
     rec = served(["--disable-log-stats"])
     assert len(rec.stats) == 1  # no second stats logger
-    assert rec.engine_config.disable_log_stats
+    assert parse_flat(["--disable-log-stats"])[1].disable_log_stats  # a serving flag

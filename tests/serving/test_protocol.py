@@ -38,6 +38,16 @@ class FakeEngine:
             runner=SimpleNamespace(vocab_size=len(WORDS)), generation_config={})
         self.seen = []
 
+    # AsyncLLMEngine's public face, read from the namespace above (tests change it there)
+    model_name = property(lambda self: self.engine.config.model.model)
+    max_model_len = property(lambda self: self.engine.max_model_len)
+    max_logprobs = property(lambda self: self.engine.config.max_logprobs)
+    vocab_size = property(lambda self: self.engine.runner.vocab_size)
+    generation_config = property(lambda self: self.engine.generation_config)
+
+    def check_params(self, params):
+        params.verify_vocab(self.vocab_size)
+
     async def generate(self, prompt, params, request_id, prompt_token_ids=None, add_special_tokens=True):
         self.seen.append((params, prompt_token_ids))
         lps = [{5: Logprob(-0.5, 1, "cat")}, {6: Logprob(float("-inf"), 2, "sat")}]
