@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
 from typing import Any, Optional, Union
 
@@ -433,6 +433,11 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Every field's default, stated once (the dataclass above): the HTTP request models and the sampler
+# steps' "off" values (padded rows) derive theirs from it.
+SAMPLING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SamplingParams) if f.default is not MISSING}
 
 
 def sequence_seed(seed: int, seq_index: int) -> int:

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from aphrodite_jax.sampling_params import SAMPLING_DEFAULTS as _D  # the defaults, stated once
+
 _MAX_INT64 = 2**63 - 1
 
 
@@ -75,68 +77,68 @@ class SamplingRequestBase(OpenAIBaseModel):
     """Fields shared by completions and chat: OpenAI's sampling knobs plus every Aphrodite sampler."""
 
     model: str
-    n: int = 1
-    best_of: Optional[int] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    n: int = _D["n"]
+    best_of: Optional[int] = _D["best_of"]
+    presence_penalty: float = _D["presence_penalty"]
+    frequency_penalty: float = _D["frequency_penalty"]
+    repetition_penalty: float = _D["repetition_penalty"]
     temperature: Optional[float] = None  # None: the route's default (decision 20)
     top_p: Optional[float] = None
-    top_k: int = -1
-    top_a: float = 0.0
-    min_p: float = 0.0
-    tfs: float = 1.0
-    eta_cutoff: float = 0.0
-    epsilon_cutoff: float = 0.0
-    typical_p: float = 1.0
-    smoothing_factor: float = 0.0
-    smoothing_curve: float = 1.0
-    dynatemp_min: float = 0.0
-    dynatemp_max: float = 0.0
-    dynatemp_exponent: float = 1.0
-    temperature_last: bool = False
+    top_k: int = _D["top_k"]
+    top_a: float = _D["top_a"]
+    min_p: float = _D["min_p"]
+    tfs: float = _D["tfs"]
+    eta_cutoff: float = _D["eta_cutoff"]
+    epsilon_cutoff: float = _D["epsilon_cutoff"]
+    typical_p: float = _D["typical_p"]
+    smoothing_factor: float = _D["smoothing_factor"]
+    smoothing_curve: float = _D["smoothing_curve"]
+    dynatemp_min: float = _D["dynatemp_min"]
+    dynatemp_max: float = _D["dynatemp_max"]
+    dynatemp_exponent: float = _D["dynatemp_exponent"]
+    temperature_last: bool = _D["temperature_last"]
     seed: Optional[int] = Field(default=None, ge=-1, le=_MAX_INT64)
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
-    early_stopping: Union[bool, str] = False
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
+    use_beam_search: bool = _D["use_beam_search"]
+    length_penalty: float = _D["length_penalty"]
+    early_stopping: Union[bool, str] = _D["early_stopping"]
+    stop: Optional[Union[str, list[str]]] = _D["stop"]
+    stop_token_ids: Optional[list[int]] = _D["stop_token_ids"]
+    include_stop_str_in_output: bool = _D["include_stop_str_in_output"]
+    ignore_eos: bool = _D["ignore_eos"]
     max_tokens: Optional[int] = Field(default=None, validation_alias=AliasChoices(
         "max_tokens", "max_completion_tokens"))
-    min_tokens: int = 0
-    custom_token_bans: Optional[list[int]] = None
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: Optional[int] = None
-    xtc_threshold: float = 0.1
-    xtc_probability: float = 0.0
-    nsigma: float = 0.0
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
+    min_tokens: int = _D["min_tokens"]
+    custom_token_bans: Optional[list[int]] = _D["custom_token_bans"]
+    skip_special_tokens: bool = _D["skip_special_tokens"]
+    spaces_between_special_tokens: bool = _D["spaces_between_special_tokens"]
+    truncate_prompt_tokens: Optional[int] = _D["truncate_prompt_tokens"]
+    xtc_threshold: float = _D["xtc_threshold"]
+    xtc_probability: float = _D["xtc_probability"]
+    nsigma: float = _D["nsigma"]
+    dry_multiplier: float = _D["dry_multiplier"]
+    dry_base: float = _D["dry_base"]
+    dry_allowed_length: int = _D["dry_allowed_length"]
     dry_sequence_breakers: Optional[Union[list[str], str]] = None
-    dry_range: int = Field(default=0, validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
-    dry_max_ngram: int = 12
-    dry_max_occurrences: int = 8
-    dry_early_exit_match_len: int = 8
-    skew: float = 0.0
+    dry_range: int = Field(default=_D["dry_range"], validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
+    dry_max_ngram: int = _D["dry_max_ngram"]
+    dry_max_occurrences: int = _D["dry_max_occurrences"]
+    dry_early_exit_match_len: int = _D["dry_early_exit_match_len"]
+    skew: float = _D["skew"]
     sampler_priority: Optional[list[Union[int, str]]] = Field(
         default=None, validation_alias=AliasChoices("sampler_priority", "sampler_order"))
-    no_repeat_ngram_size: int = 0
-    token_ban_ranges: Optional[list[list[Any]]] = None
-    logit_bias: Optional[dict[str, float]] = None
-    allowed_token_ids: Optional[list[int]] = None
-    repetition_penalty_range: int = 0
-    repetition_penalty_slope: float = 1.0
-    mirostat_mode: int = 0
-    mirostat_tau: float = 0.0
-    mirostat_eta: float = 0.0
+    no_repeat_ngram_size: int = _D["no_repeat_ngram_size"]
+    token_ban_ranges: Optional[list[list[Any]]] = _D["token_ban_ranges"]
+    logit_bias: Optional[dict[str, float]] = _D["logit_bias"]
+    allowed_token_ids: Optional[list[int]] = _D["allowed_token_ids"]
+    repetition_penalty_range: int = _D["repetition_penalty_range"]
+    repetition_penalty_slope: float = _D["repetition_penalty_slope"]
+    mirostat_mode: int = _D["mirostat_mode"]
+    mirostat_tau: float = _D["mirostat_tau"]
+    mirostat_eta: float = _D["mirostat_eta"]
     # Fields of registered research samplers (docs/samplers.md). Clients may also send them as
     # top-level keys; `_collect_research_fields` moves those here.
-    extra_args: Optional[dict[str, Any]] = None
-    prompt_logprobs: Optional[int] = None
+    extra_args: Optional[dict[str, Any]] = _D["extra_args"]
+    prompt_logprobs: Optional[int] = _D["prompt_logprobs"]
 
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
