@@ -25,7 +25,7 @@ EOS = 0
 TOPK = 20
 
 
-class Draw(NamedTuple):  # the fields of engine/model_setup.Draw
+class Draw(NamedTuple):  # the fields of runner/device_sampler.Draw
     token_id: int
     logprob: float
     rank: int
