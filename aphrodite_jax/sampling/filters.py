@@ -34,9 +34,9 @@ def history_parts(md):
 
 @sampler_step(
     "penalties",
-    fields={"repetition_penalty": (1.0, np.float32), "frequency_penalty": (0.0, np.float32),
-            "presence_penalty": (0.0, np.float32), "repetition_penalty_range": (0, np.int32),
-            "repetition_penalty_slope": (1.0, np.float32)},
+    fields={"repetition_penalty": np.float32, "frequency_penalty": np.float32,
+            "presence_penalty": np.float32, "repetition_penalty_range": np.int32,
+            "repetition_penalty_slope": np.float32},
     active=lambda p: ((abs(p["presence_penalty"]) >= _EPS) | (abs(p["frequency_penalty"]) >= _EPS)
                       | (p["repetition_penalty"] > 1.0 + _EPS)),
 )
@@ -103,7 +103,7 @@ def _top_p_top_k_host(sp):
     return {"top_p": sp.top_p, "top_k": -1 if sp.top_k is None or sp.top_k <= 0 else sp.top_k}
 
 
-@sampler_step("top_p_top_k", fields={"top_p": (1.0, np.float32), "top_k": (-1, np.int32)},
+@sampler_step("top_p_top_k", fields={"top_p": np.float32, "top_k": np.int32},
               active=lambda p: (p["top_p"] < 1.0 - _EPS) | (p["top_k"] > 0), host=_top_p_top_k_host)
 def top_p_top_k(logits, p, md):
     """Top-k (keep l >= the k-th largest, ties survive), then top-p on the renormalized remainder.
@@ -134,7 +134,7 @@ def top_p_top_k(logits, p, md):
     return jax.lax.cond(jnp.any(top_p < 1.0 - _EPS), top_p_cut, lambda lg: lg, logits)
 
 
-@sampler_step("min_p", fields={"min_p": (0.0, np.float32)}, active=lambda p: p["min_p"] > _EPS)
+@sampler_step("min_p", fields={"min_p": np.float32}, active=lambda p: p["min_p"] > _EPS)
 def min_p(logits, p, md):
     """Removes tokens with p_i < min_p * max_j p_j, i.e. l_i - max l < log(min_p)."""
     rel = logits - jnp.max(logits, axis=-1, keepdims=True)  # [B, V], <= 0

@@ -48,8 +48,8 @@ def _dynatemp_on(p):
 
 @sampler_step(
     "temperature",
-    fields={"temperature": (1.0, np.float32), "dynatemp_min": (0.0, np.float32),
-            "dynatemp_max": (0.0, np.float32), "dynatemp_exponent": (1.0, np.float32)},
+    fields={"temperature": np.float32, "dynatemp_min": np.float32,
+            "dynatemp_max": np.float32, "dynatemp_exponent": np.float32},
     active=lambda p: (abs(p["temperature"] - 1.0) >= _EPS) | _dynatemp_on(p), host=_temperature_host)
 def temperature(logits, p, md):
     """l <- (l - max l) / T. With dynatemp, T = min + (max - min) * (H / ln #finite)^exponent
@@ -65,7 +65,7 @@ def temperature(logits, p, md):
 
 
 # --- top-nsigma ----------------------------------------------------------------------------
-@sampler_step("top_nsigma", fields={"nsigma": (0.0, np.float32)}, active=lambda p: p["nsigma"] > _EPS)
+@sampler_step("top_nsigma", fields={"nsigma": np.float32}, active=lambda p: p["nsigma"] > _EPS)
 def top_nsigma(logits, p, md):
     """Removes l_i < max l - nsigma * std(l), std unbiased over the finite logits."""
     fin = logits > NEG_INF
@@ -77,7 +77,7 @@ def top_nsigma(logits, p, md):
 
 
 # --- top-a ---------------------------------------------------------------------------------
-@sampler_step("top_a", fields={"top_a": (0.0, np.float32)}, active=lambda p: p["top_a"] > 0.0)
+@sampler_step("top_a", fields={"top_a": np.float32}, active=lambda p: p["top_a"] > 0.0)
 def top_a(logits, p, md):
     """Removes p_i < a * (max p)^2, never the most likely token (a > 1 / max p would empty the row)."""
     probs = _probs(logits)
@@ -98,7 +98,7 @@ def _tfs_remove_sorted(s, z):
     return jnp.concatenate([jnp.zeros((b, 1), bool), c > z[:, None], jnp.ones((b, 1), bool)], axis=-1)
 
 
-@sampler_step("tfs", fields={"tfs": (1.0, np.float32)}, active=lambda p: p["tfs"] < 1.0 - _EPS)
+@sampler_step("tfs", fields={"tfs": np.float32}, active=lambda p: p["tfs"] < 1.0 - _EPS)
 def tfs(logits, p, md):
     """Tail-free sampling on the probabilities sorted descending; position V-1 is removed.
 
@@ -137,7 +137,7 @@ def _cutoff(logits, eps):
     return jnp.where((probs < eps[:, None]) & ~keep_top, NEG_INF, logits)
 
 
-@sampler_step("eta_cutoff", fields={"eta_cutoff": (0.0, np.float32)},
+@sampler_step("eta_cutoff", fields={"eta_cutoff": np.float32},
               active=lambda p: p["eta_cutoff"] > _EPS)
 def eta_cutoff(logits, p, md):
     """eps = min(eta, sqrt(eta) * exp(-H)), eta in units of 1e-4."""
@@ -145,7 +145,7 @@ def eta_cutoff(logits, p, md):
     return _cutoff(logits, jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-_entropy(logits))))
 
 
-@sampler_step("epsilon_cutoff", fields={"epsilon_cutoff": (0.0, np.float32)},
+@sampler_step("epsilon_cutoff", fields={"epsilon_cutoff": np.float32},
               active=lambda p: p["epsilon_cutoff"] > _EPS)
 def epsilon_cutoff(logits, p, md):
     """Removes p_i < epsilon (units of 1e-4) except the argmax."""
@@ -153,7 +153,7 @@ def epsilon_cutoff(logits, p, md):
 
 
 # --- locally typical -----------------------------------------------------------------------
-@sampler_step("typical_p", fields={"typical_p": (1.0, np.float32)},
+@sampler_step("typical_p", fields={"typical_p": np.float32},
               active=lambda p: p["typical_p"] < 1.0 - _EPS)
 def typical_p(logits, p, md):
     """HF: delta_i = |-ln p_i - H|; sort by delta ascending, accumulate p; keep the tokens up to and
@@ -169,8 +169,8 @@ def typical_p(logits, p, md):
 
 
 # --- quadratic / cubic smoothing -----------------------------------------------------------
-@sampler_step("quadratic", fields={"smoothing_factor": (0.0, np.float32),
-                                   "smoothing_curve": (1.0, np.float32)},
+@sampler_step("quadratic", fields={"smoothing_factor": np.float32,
+                                   "smoothing_curve": np.float32},
               active=lambda p: p["smoothing_factor"] > _EPS)
 def quadratic(logits, p, md):
     """l' = M - k d^2 + s d^3, d = l - M, k = f (3 - c) / 2, s = f (c - 1) / 2; -inf stays -inf."""
@@ -192,7 +192,7 @@ def xtc_coins(md) -> jax.Array:
     return jax.vmap(one)(md.key_data, md.output_index)
 
 
-@sampler_step("xtc", fields={"xtc_threshold": (0.1, np.float32), "xtc_probability": (0.0, np.float32)},
+@sampler_step("xtc", fields={"xtc_threshold": np.float32, "xtc_probability": np.float32},
               active=lambda p: p["xtc_probability"] > _EPS)
 def xtc(logits, p, md):
     """With probability pi: if m = #{tokens other than the top with p >= theta} > 0, remove the top m,
@@ -206,7 +206,7 @@ def xtc(logits, p, md):
 
 
 # --- skew (post-softmax) ------------------------------------------------------------------
-@sampler_step("skew", fields={"skew": (0.0, np.float32)}, active=lambda p: p["skew"] > _EPS)
+@sampler_step("skew", fields={"skew": np.float32}, active=lambda p: p["skew"] > _EPS)
 def skew(logits, p, md):
     """F = cumsum(p) in token-id order, F' = F^exp(skew), p' = diff(F'), l = ln p'."""
     cdf = jnp.clip(jnp.cumsum(_probs(logits), axis=-1), 0.0, 1.0)

@@ -34,7 +34,7 @@ def _pad_left(x: jax.Array, value) -> jax.Array:
 
 
 # --- no-repeat-ngram ------------------------------------------------------------------------
-@sampler_step("no_repeat_ngram", fields={"no_repeat_ngram_size": (0, np.int32)},
+@sampler_step("no_repeat_ngram", fields={"no_repeat_ngram_size": np.int32},
               active=lambda p: p["no_repeat_ngram_size"] > 0)
 def no_repeat_ngram(logits, p, md):
     """Bans every token t such that (last n-1 tokens, t) already occurs as an n-gram (HF semantics)."""
@@ -62,10 +62,10 @@ def no_repeat_ngram(logits, p, md):
 # --- DRY --------------------------------------------------------------------------------------
 @sampler_step(
     "dry",
-    fields={"dry_multiplier": (0.0, np.float32), "dry_base": (1.75, np.float32),
-            "dry_allowed_length": (2, np.int32), "dry_range": (0, np.int32),
-            "dry_max_ngram": (12, np.int32), "dry_max_occurrences": (8, np.int32),
-            "dry_early_exit_match_len": (8, np.int32)},
+    fields={"dry_multiplier": np.float32, "dry_base": np.float32,
+            "dry_allowed_length": np.int32, "dry_range": np.int32,
+            "dry_max_ngram": np.int32, "dry_max_occurrences": np.int32,
+            "dry_early_exit_match_len": np.int32},
     active=lambda p: p["dry_multiplier"] > _EPS)
 def dry(logits, p, md):
     """DRY: for each earlier occurrence i of the last token (the last
@@ -114,7 +114,7 @@ def dry(logits, p, md):
 
 
 # --- Mirostat v2 ------------------------------------------------------------------------------
-@sampler_step("mirostat", fields={"mirostat_mode": (0, np.int32), "mirostat_mu": (0.0, np.float32)},
+@sampler_step("mirostat", fields={"mirostat_mode": np.int32, "mirostat_mu": (0.0, np.float32)},
               active=lambda p: p["mirostat_mode"] == 2,
               host=lambda sp: {"mirostat_mode": sp.mirostat_mode, "mirostat_mu": 2.0 * sp.mirostat_tau})
 def mirostat(logits, p, md):

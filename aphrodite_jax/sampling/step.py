@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from aphrodite_jax.sampling_params import SAMPLING_DEFAULTS
+
 StepFn = Callable[[jax.Array, dict, Any], jax.Array]
 
 
@@ -25,11 +27,19 @@ class SamplerStep:
     host: Optional[Callable[[Any], dict[str, Any]]] = None  # SamplingParams -> {field: value}
 
 
-def sampler_step(name: str, *, fields: dict[str, tuple[Any, Any]], active: Callable[[dict], Any],
+def with_off_values(fields: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """name -> (off value, dtype). A field given by its dtype alone is a SamplingParams field: its off value
+    (what padded rows get) is the SamplingParams default, stated there once."""
+    return {name: spec if isinstance(spec, tuple) else (SAMPLING_DEFAULTS[name], spec)
+            for name, spec in fields.items()}
+
+
+def sampler_step(name: str, *, fields: dict[str, Any], active: Callable[[dict], Any],
                  host: Optional[Callable[[Any], dict[str, Any]]] = None) -> Callable[[StepFn], SamplerStep]:
-    """Decorator: the SamplerStep `name` running `fn` (registered by no one until listed)."""
+    """Decorator: the SamplerStep `name` running `fn` (registered by no one until listed). `fields`: name ->
+    (off value, numpy dtype), or name -> dtype for a SamplingParams field (its default is the off value)."""
 
     def deco(fn: StepFn) -> SamplerStep:
-        return SamplerStep(name, fn, dict(fields), active, host)
+        return SamplerStep(name, fn, with_off_values(fields), active, host)
 
     return deco
