@@ -14,9 +14,9 @@ Overload: with `max_queue_len` set, a request arriving while that many are alrea
 is refused with QueueFullError (the server's 503 + Retry-After) instead of queueing without bound.
 
 Public face: the server reads the engine only through this class: the model facts (`model_name`,
-`max_model_len`, `vocab_size`, ...), `check_params`, `compile_guide` and `snapshot()`. The engine thread
-holds `_engine_lock` while it changes the LLMEngine (adding, stepping, aborting), so a snapshot taken
-under it from any thread sees the queues between two steps, never halfway through one.
+`max_model_len`, `vocab_size`, ...), `check_params`, `compile_guide` and `snapshot()`. Only the engine
+thread touches the LLMEngine's queues, so a snapshot asked for from another thread is taken by the engine
+thread between two steps (it wakes an idle engine), never halfway through one.
 """
 from __future__ import annotations
 
@@ -59,6 +59,15 @@ def _deliver(items: list) -> None:
         queue.put_nowait(item)
 
 
+class _SnapshotRequest:
+    """One snapshot asked for by another thread; the engine thread fills it in and sets `done`."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Optional[EngineSnapshot] = None
+        self.error: Optional[BaseException] = None
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -73,7 +82,7 @@ class AsyncLLMEngine:
         """`max_queue_len` overrides the engine config's `scheduler.max_queue_len`."""
         self.engine = engine
         self._cv = threading.Condition()
-        self._engine_lock = threading.RLock()  # held by the engine thread while it changes the engine
+        self._snapshots: list[_SnapshotRequest] = []  # asked for by other threads, taken between steps
         self._inbox: deque = deque()
         self._aborts: deque = deque()
         self._streams: dict[str, _Stream] = {}
@@ -143,11 +152,22 @@ class AsyncLLMEngine:
         worker thread. Raises GuideError or ValueError."""
         return self.engine.compile_guide(guided)
 
-    def snapshot(self) -> EngineSnapshot:
-        """Queues, KV usage and counters, taken between two engine steps (this waits for a running
-        step to end: call it off the event loop). Thread-safe."""
-        with self._engine_lock:
+    def snapshot(self, timeout: float = 60.0) -> EngineSnapshot:
+        """Queues, KV usage and counters, taken by the engine thread between two steps. Thread-safe; it
+        waits for a running step to end, so callers on an event loop run it in a worker thread."""
+        request = _SnapshotRequest()
+        with self._cv:
+            running = not self._closed and threading.current_thread() is not self._thread
+            if running:
+                self._snapshots.append(request)
+                self._cv.notify()
+        if not running:  # the engine thread is gone (nothing changes the engine now) or is the caller
             return self.engine.snapshot()
+        if not request.done.wait(timeout):
+            raise TimeoutError(f"the engine thread took no snapshot within {timeout} s")
+        if request.error is not None:
+            raise request.error
+        return request.value
 
     @property
     def is_running(self) -> bool:
@@ -257,25 +277,26 @@ class AsyncLLMEngine:
             for item in inbox:
                 item[-1](err)  # requests that never got in
             self._fail_all(err)
+            self._take_snapshots()  # asked for before the thread closed: answered, not left waiting
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while (not self._stopped and not self._inbox and not self._aborts
+                while (not self._stopped and not self._inbox and not self._aborts and not self._snapshots
                        and not self.engine.has_unfinished_requests()):
                     self._cv.wait()
                 if self._stopped:
                     return
-            with self._engine_lock:
-                self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
-                    continue
-                try:
-                    outputs = self.engine.step()
-                except Exception as exc:  # a failed step fails its requests, not the server
-                    if not self._step_failed(exc):
-                        return
-                    continue
+            self._take_snapshots()
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                if not self._step_failed(exc):
+                    return
+                continue
             self.consecutive_failures = 0
             # One wake-up of each event loop per step for all its streams, not one per stream.
             batches: dict[asyncio.AbstractEventLoop, list] = {}
@@ -288,6 +309,22 @@ class AsyncLLMEngine:
                     del self._streams[out.request_id]
             for loop, items in batches.items():
                 loop.call_soon_threadsafe(_deliver, items)
+
+    def _take_snapshots(self) -> None:
+        """On the engine thread, between steps: answer every snapshot asked for since the last one."""
+        if not self._snapshots:  # read without the lock: one missed now is answered after the next step
+            return
+        with self._cv:
+            requests, self._snapshots = self._snapshots, []
+        if not requests:
+            return
+        try:
+            value, error = self.engine.snapshot(), None
+        except Exception as exc:  # pragma: no cover - reported to the askers, the engine carries on
+            value, error = None, exc
+        for request in requests:
+            request.value, request.error = value, error
+            request.done.set()
 
     def _step_failed(self, exc: Exception) -> bool:
         """Fail the failed step's requests; return False when the engine cannot go on (now dead)."""
@@ -328,8 +365,7 @@ class AsyncLLMEngine:
     def _fail(self, request_ids, exc: BaseException) -> None:
         for rid in request_ids:
             try:
-                with self._engine_lock:
-                    self.engine.abort_request(rid)
+                self.engine.abort_request(rid)
             except Exception:  # pragma: no cover - best effort while failing
                 logger.exception("abort after failure")
             stream = self._streams.pop(rid, None)
