@@ -168,7 +168,7 @@ def test_a_backend_that_cannot_serve_the_model_fails_the_load():
 
 def test_the_executable_cache_key_holds_the_resolved_backend():
     """A different backend never loads another's executable: the engine's part of the key differs."""
-    from aphrodite_jax.engine.model_setup import cache_context
+    from aphrodite_jax.runner.cache_setup import cache_context
 
     runner = SimpleNamespace(max_model_len=64, vocab_size=128, kv_spec=None, mesh=None)
 
