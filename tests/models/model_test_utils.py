@@ -14,8 +14,7 @@ def make_runner(loaded, *, mesh=None, num_pages: int = 128, block_size: int = 8,
     config = EngineConfig(cache=CacheConfig(block_size=block_size, num_gpu_blocks_override=num_pages, swap_space=0),
                           scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens),
                           parallel=ParallelConfig(tensor_parallel_size=tp), compilation_cache_dir=None)
-    if hasattr(config, "resolve"):  # the runner takes the config resolved against the model
-        config = config.resolve(loaded.max_model_len)
+    config = config.resolve(loaded.max_model_len)  # the runner takes the config resolved against the model
     return ModelRunner(config, loaded.model, loaded.hf_config, max_model_len=loaded.max_model_len,
                        vocab_size=loaded.hf_config.vocab_size, dtype=loaded.dtype, mesh=mesh)
 
@@ -78,10 +77,7 @@ class RunnerDriver:
 
 
 def _run_step(runner, rows, sample_rows):
-    """One runner step; returns the logits f32[B_bucket, V] of the sample rows. Written for both forms of
-    `run_model`: (rows, sample_rows) -> (logits, extra), and StepInput -> StepOutput (runner/step_io.py)."""
-    try:
-        from aphrodite_jax.runner.step_io import StepInput
-    except ImportError:
-        return runner.run_model(rows, sample_rows)[0]
+    """One runner step; returns the logits f32[B_bucket, V] of the sample rows."""
+    from aphrodite_jax.runner.step_io import StepInput
+
     return runner.run_model(StepInput(rows, sample_rows)).logits
