@@ -296,7 +296,8 @@ class SamplingParams:
         if any(s == "" for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
         if self.stop and not self.detokenize:
-            raise ValueError("stop strings are only supported when detokenize is True. Set detokenize=True to use stop.")
+            raise ValueError("stop strings are only supported when detokenize is True. "
+                             "Set detokenize=True to use stop.")
         if self.xtc_threshold < 0.0:
             raise ValueError("xtc_threshold must be non-negative, got {}.".format(self.xtc_threshold))
         if not 0.0 <= self.xtc_probability <= 1.0:

@@ -34,7 +34,8 @@ def build_cli_parser() -> FlexibleArgumentParser:
     run.add_argument("model_tag", nargs="?", default=SUPPRESS, metavar="MODEL",
                      help="model to serve (same as --model)")
     add_server_args(run)
-    yml = sub.add_parser("yaml", usage="%(prog)s CONFIG.yaml [options]", help="serve with the flags from a YAML config file",
+    yml = sub.add_parser("yaml", usage="%(prog)s CONFIG.yaml [options]",
+                         help="serve with the flags from a YAML config file",
                          description="Serve with the flags of CONFIG.yaml; extra flags override it.")
     yml.add_argument("yaml_path", metavar="CONFIG.yaml")
     add_server_args(yml)

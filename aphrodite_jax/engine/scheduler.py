@@ -23,7 +23,8 @@ or n/best_of above max_num_seqs).
 Policy: running groups in (priority, arrival) order (lower value first) get their decode tokens
 first; when pages run out the last (lowest-priority, latest-arrived) running group is preempted:
 by recompute (pages freed, front of `waiting`, num_computed_tokens=0, later re-prefills
-prompt+output) or by swap (pages copied to host, `swapped` queue). Multi-sequence groups prefer swap; with no swap space, recompute.
+prompt+output) or by swap (pages copied to host, `swapped` queue). Multi-sequence groups prefer swap;
+with no swap space, recompute.
 Then (only when nobody was preempted this step) swapped groups come back, then waiting groups are
 admitted FCFS within `max_num_seqs` and the token budget. With chunked prefill the remaining
 budget is filled with prefill chunks (continuing prompts first), `do_sample` only on the last chunk.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 KINDS = ("json", "regex", "choice", "grammar", "json_object")

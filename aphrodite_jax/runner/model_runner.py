@@ -321,7 +321,10 @@ class ModelRunner:
         nothing runs). Add a new step variant here and warm-up, the compile guard and the executable
         cache all cover it."""
         i32 = jnp.int32
-        sds = lambda shape, dtype=i32: jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated_sharding)
+
+        def sds(shape, dtype=i32):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated_sharding)
+
         hidden_size = self.hf_config.hidden_size
         jobs = []
         for t in self.token_buckets:

@@ -108,7 +108,8 @@ class OpenAIServing:
         if tool_schema is not None:
             given["tools"] = tool_schema
         if req.guided_decoding_backend is not None and req.guided_decoding_backend not in BACKENDS:
-            raise APIError(f"Unknown guided decoding backend '{req.guided_decoding_backend}' (guided_decoding_backend). Must be one of "
+            raise APIError(f"Unknown guided decoding backend '{req.guided_decoding_backend}' "
+                           f"(guided_decoding_backend). Must be one of "
                            f"{', '.join(repr(b) for b in BACKENDS)}", 400, "guided_decoding_backend")
         if not given:
             if req.guided_whitespace_pattern is not None:

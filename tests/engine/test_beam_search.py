@@ -54,7 +54,7 @@ def ours(llm, prompts):
     return outs
 
 
-def test_best_beams_match_hf_generate(hf_model, llm, prompts, ours):
+def test_best_beams_match_hf_generate(hf_model, llm, prompts, ours):  # noqa: F811 (the imported fixture)
     eos = llm.engine.eos_token_ids
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # HF's 4-beam decode is ~10x faster single-threaded on a busy 2-core box

@@ -93,7 +93,8 @@ def test_new_shape_or_static_is_another_entry(tmp_path, src):
     bf16 = (_args(8)[0].astype(jnp.bfloat16), _args(8)[1])
     assert variant_signature("f", _args(8), {}) != variant_signature("f", bf16, {})
     sds = jax.ShapeDtypeStruct((8, 4), jnp.float32)
-    assert variant_signature("f", (sds,), {}) == variant_signature("f", (jax.ShapeDtypeStruct((8, 4), jnp.float32),), {})
+    plain = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    assert variant_signature("f", (sds,), {}) == variant_signature("f", (plain,), {})
 
 
 def test_source_edit_context_or_environment_invalidates(tmp_path, src, monkeypatch):
@@ -173,7 +174,9 @@ def test_disabled_cache_compiles_and_writes_nothing(tmp_path):
 
 
 def test_compile_all_fills_sinks_and_reuses(tmp_path, src):
-    jobs = lambda sink: [CompileJob(sink, ("affine", n), "affine", _affine, _args(n)) for n in (8, 16, 32)]
+    def jobs(sink):
+        return [CompileJob(sink, ("affine", n), "affine", _affine, _args(n)) for n in (8, 16, 32)]
+
     first: dict = {}
     c1 = _cache(tmp_path, src)
     c1.compile_all(jobs(first), progress=False)
