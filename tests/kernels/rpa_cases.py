@@ -26,8 +26,8 @@ class Batch:
     def args(self):
         """The positional arguments of ragged_paged_attention, as device arrays."""
         import jax.numpy as jnp
-        return tuple(jnp.asarray(a) for a in (self.q, self.k, self.v, self.kv_cache, self.kv_lens, self.page_indices, self.cu_q_lens,
-                self.num_seqs))
+        return tuple(jnp.asarray(a) for a in (self.q, self.k, self.v, self.kv_cache, self.kv_lens, self.page_indices,
+                                              self.cu_q_lens, self.num_seqs))
 
 
 def make_batch(rng: np.random.Generator, *, seqs: list[tuple[int, int]], page_size: int, num_kv_heads: int,
