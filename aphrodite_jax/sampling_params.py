@@ -3,8 +3,8 @@
 Host-side only: the scheduler and the serving layer import this, so it must never import JAX.
 The on-device sampler (`aphrodite_jax/sampling/sampler.py`) reads these fields into per-row arrays.
 
-Decisions taken from design.md: `top_k` 0 means off like -1; `eta_cutoff` / `epsilon_cutoff` are in
-units of 1e-4; `seed` -1 means unseeded. Samplers the engine does not implement yet raise
+From docs/decisions.md: `top_k` 0 means off like -1 (D21); `eta_cutoff` / `epsilon_cutoff` are in
+units of 1e-4 (D2); `seed` -1 means unseeded. Samplers the engine does not implement yet raise
 "<field> is not supported yet" when set to a non-default value, so nothing is silently ignored.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "logits_processors": None,
 }
 
-# Aphrodite's SamplerID enum (spec 3.1 step 5): the ids and names `sampler_priority` accepts, mapped
+# Aphrodite's SamplerID enum (docs/decisions.md D27): the ids and names `sampler_priority` accepts, mapped
 # to our registry's step names.
 SAMPLER_IDS: dict[int, tuple[str, str]] = {
     0: ("TOP_P_TOP_K", "top_p_top_k"), 1: ("TOP_A", "top_a"), 2: ("MIN_P", "min_p"), 3: ("TFS", "tfs"),
@@ -58,7 +58,7 @@ def _is_default(name: str, value: Any, default: Any) -> bool:
 
 @dataclass
 class SamplingParams:
-    """Sampling parameters of one request (Aphrodite v0.6.7 fields; spec section 3.1a defaults)."""
+    """Sampling parameters of one request (Aphrodite v0.6.7 fields and defaults)."""
 
     n: int = 1
     best_of: Optional[int] = None
@@ -75,7 +75,7 @@ class SamplingParams:
     top_a: float = 0.0
     min_p: float = 0.0
     tfs: float = 1.0
-    eta_cutoff: float = 0.0  # units of 1e-4 (design decision 2)
+    eta_cutoff: float = 0.0  # units of 1e-4 (docs/decisions.md D2)
     epsilon_cutoff: float = 0.0  # units of 1e-4
     typical_p: float = 1.0
     smoothing_factor: float = 0.0
@@ -151,7 +151,7 @@ class SamplingParams:
             self.best_of = self.n
         if self.seed == -1:
             self.seed = None
-        if self.top_k == 0:  # design decision 21: 0 means off, like -1
+        if self.top_k == 0:  # docs/decisions.md D21: 0 means off, like -1
             self.top_k = -1
         if self.stop is None:
             self.stop = []
@@ -243,7 +243,7 @@ class SamplingParams:
             out[tid] = min(100.0, max(-100.0, float(v)))
         return out
 
-    # ------------------------------------------------------------------ validation (spec 2.1)
+    # ------------------------------------------------------------------ validation (Aphrodite's messages, D26)
     def _verify_args(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool):
             raise ValueError(f"n must be an int, but is of type {type(self.n)}")
@@ -368,7 +368,7 @@ class SamplingParams:
             raise ValueError("custom_token_bans contains out-of-vocab token id")
 
     def verify_max_logprobs(self, max_logprobs: int) -> None:
-        """Spec 2.0: logprobs above --max-logprobs are rejected."""
+        """Logprobs above --max-logprobs are rejected (docs/decisions.md D31)."""
         for v in (self.logprobs, self.prompt_logprobs):
             if v is not None and v > max_logprobs:
                 raise ValueError(f"Cannot request more than {max_logprobs} logprobs.")
@@ -401,7 +401,7 @@ class SamplingParams:
         return out
 
     def active_samplers(self) -> list[str]:
-        """Names of the registered on-device steps this request turns on (spec 3.1 'active when')."""
+        """Names of the registered on-device steps this request turns on (each step's `active` test)."""
         act = []
         if self.logit_bias:
             act.append("logit_bias")

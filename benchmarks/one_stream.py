@@ -1,4 +1,4 @@
-"""One stream's decode step, in process: where the inter-token time goes (issue 9, the one-stream row).
+"""One stream's decode step, in process: where the inter-token time goes (the one-stream row).
 
     python benchmarks/one_stream.py [--quantization int8] [--pairs 5] [--arms base,single] [--parts]
 

@@ -1,4 +1,4 @@
-"""Decode speed of --quantization int8 against fp32, side by side in one process (issue 9, one-stream row).
+"""Decode speed of --quantization int8 against fp32, side by side in one process (the one-stream row).
 
     python benchmarks/quant_decode.py [--pairs 5] [--batches 1,32] [--input-len 32] [--output-len 128]
 

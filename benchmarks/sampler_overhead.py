@@ -1,4 +1,4 @@
-"""The throughput cost of the full sampler chain against greedy, at batch 32 (issue 5).
+"""The throughput cost of the full sampler chain against greedy, at batch 32.
 
 Runs `LLM.generate` on the same prompts with (A) greedy and (B) every sampler on at once (truncation,
 penalties, DRY, no-repeat-ngram, XTC, skew, Mirostat, bans, a custom order for half the rows),

@@ -1,4 +1,4 @@
-"""The server's flags: one table holding every flag of Aphrodite's CLI (spec section 5), YAML loading,
+"""The server's flags: one table holding every flag of Aphrodite's CLI (docs/decisions.md D32), YAML loading,
 and the step from parsed flags to `EngineConfig` + `ServingConfig`.
 
 Why a table: `--help`, the YAML loader and the "not supported yet" guard all read the same list, so a

@@ -1,4 +1,4 @@
-"""API keys and the admin key (spec 1.1 with design decision 19), as pure ASGI middleware.
+"""API keys and the admin key (docs/decisions.md D1, D19), as pure ASGI middleware.
 
 Rules:
 - `/v1/...` and `/api/...` need a key whenever any key (API or admin) is configured; the admin key

@@ -27,7 +27,7 @@ class ServingConfig:
     guided_decoding_backend: str = "xgrammar"  # for requests that name none (aphrodite_jax/guided)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
     tool_call_parser: Optional[str] = None  # serving/openai/tool_parsers: hermes, llama3_json
-    # Operating surface (issue 7): CORS, TLS, proxy prefix, user middleware, the Kobold API.
+    # Operating surface: CORS, TLS, proxy prefix, user middleware, the Kobold API.
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
@@ -39,7 +39,7 @@ class ServingConfig:
     root_path: str = ""  # the prefix a reverse proxy strips (ASGI root_path)
     middleware: list[str] = field(default_factory=list)  # import paths: functions or ASGI classes
     launch_kobold_api: bool = True  # the Kobold routes are always mounted (Aphrodite >= 0.6.5)
-    # Reliability (issue 8): shutdown grace period, slow clients, and per-request size limits.
+    # Reliability: shutdown grace period, slow clients, and per-request size limits.
     shutdown_timeout: float = 30.0  # SIGTERM: seconds requests in flight get before they are aborted
     request_read_timeout: float = 30.0  # a request's head and body must arrive within this
     keep_alive_timeout: float = 5.0  # idle keep-alive connections close after this

@@ -1,4 +1,4 @@
-"""`GET /metrics`: Prometheus exposition with Aphrodite's metric names (spec 1.2), one registry per app.
+"""`GET /metrics`: Prometheus exposition with Aphrodite's metric names (docs/decisions.md D32), one registry per app.
 
 Why per app: tests build several apps in one process over one shared engine, and the global registry
 would refuse the second set of metrics. Two sources feed it:

@@ -1,4 +1,4 @@
-"""The server's operating surface around the OpenAI routes (issue 7): metrics instrumentation, the
+"""The server's operating surface around the OpenAI routes: metrics instrumentation, the
 Kobold API, the admin status route, the playground page, API keys, CORS, `--root-path` and
 `--middleware`. `build_app` calls `instrument` first (so every route's engine calls are measured)
 and `install_surface` last.

@@ -58,7 +58,7 @@ class LLMEngine:
         self.hf_config = stack.hf_config
         self.max_model_len = stack.max_model_len
         self.eos_token_ids = stack.eos_token_ids
-        # generation_config.json defaults ({} if none): the server's chat defaults (decision 20)
+        # generation_config.json defaults ({} if none): the server's chat defaults (docs/decisions.md D20)
         self.generation_config = stack.generation_config
         self.sampler = stack.sampler
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_gpu_blocks,

@@ -1,4 +1,4 @@
-"""Stop checking for one sequence after each new token (spec 3.2 "Stop handling"), no JAX.
+"""Stop checking for one sequence after each new token (Aphrodite's stop handling), no JAX.
 
 Order: while the output is shorter than min_tokens nothing stops it except the length limits; then
 EOS (unless ignore_eos; finish "stop", stop_reason None), a stop token id (stop_reason = the id), a stop

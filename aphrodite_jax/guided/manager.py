@@ -40,7 +40,7 @@ def _backend_class(name: str):
 
 
 def resolve_backend(params: GuidedDecodingParams, default: str) -> str:
-    """The backend that will compile this guide: the requested one, or a fallback that can (spec 4)."""
+    """The backend that will compile this guide: the requested one, or a fallback that can (docs/decisions.md D33)."""
     name = params.backend or default
     kind = params.kind
     if params.whitespace_pattern is not None and kind in ("json", "json_object"):

@@ -1,4 +1,4 @@
-"""The Kobold API on the OpenAI app (spec 1.3, design decision 17).
+"""The Kobold API on the OpenAI app (docs/decisions.md D17, D24).
 
 `/api/v1` (and its alias `/api/latest`): generate, model, info/version, config/*. `/api/extra`:
 generate/stream (SSE `{"token": ...}` events), generate/check, abort, tokencount, version,

@@ -1,4 +1,4 @@
-"""The Kobold (KAI / KoboldCpp) generation schema and its mapping onto SamplingParams (spec 2.9).
+"""The Kobold (KAI / KoboldCpp) generation schema and its mapping onto SamplingParams.
 
 Every field KoboldAI Lite or SillyTavern sends is declared; an unknown field is a 400 naming it
 (extra="forbid"), like the OpenAI side. Fields that only steer a client UI are accepted and listed in
@@ -19,7 +19,7 @@ UI_ONLY_FIELDS = ("quiet", "gui_settings", "use_world_info", "use_story", "use_m
                   "api_server", "streaming", "can_abort", "s1", "s2", "s3", "s4", "s5", "s6", "s7",
                   "replace_instruct_placeholders")
 
-# Kobold sampler ids (KoboldAI / KoboldCpp `sampler_order`) -> Aphrodite SamplerID (spec 3.1 table).
+# Kobold sampler ids (KoboldAI / KoboldCpp `sampler_order`) -> Aphrodite SamplerID (docs/decisions.md D27).
 # KAI: 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen. Aphrodite runs top-k and
 # top-p as one step (id 0), so both map to it.
 KAI_TO_APHRODITE = {0: 0, 1: 1, 2: 0, 3: 3, 4: 4, 5: 5, 6: 6}
@@ -148,7 +148,7 @@ def sampler_priority(order: list[int]) -> Optional[list[int]]:
 
 
 def _active_ids(kw: dict[str, Any], greedy: bool) -> set[int]:
-    """The Aphrodite sampler ids this request turns on (spec 3.1 'active when')."""
+    """The Aphrodite sampler ids this request turns on (each step's `active` test)."""
     on = {7: kw["dry_multiplier"] > 1e-5,
           6: kw["repetition_penalty"] > 1 + 1e-5 or abs(kw["presence_penalty"]) >= 1e-5
           or abs(kw["frequency_penalty"]) >= 1e-5,
@@ -209,7 +209,7 @@ def to_sampling_kwargs(req: KAIGenerationInput, *, prompt_len: int, badwords: An
         include_stop_str_in_output=req.include_stop_str_in_output or not req.trim_stop,
         ignore_eos=req.bypass_eos, skip_special_tokens=not req.render_special)
     kw["best_of"] = kw["n"]
-    if req.dynatemp_range > 0 and not greedy:  # design decision 17: [T - range, T + range]
+    if req.dynatemp_range > 0 and not greedy:  # docs/decisions.md D17: [T - range, T + range]
         kw.update(dynatemp_min=max(0.0, req.temperature - req.dynatemp_range),
                   dynatemp_max=req.temperature + req.dynatemp_range, dynatemp_exponent=req.dynatemp_exponent)
     kw.update(repetition_penalty_range=max(req.rep_pen_range, 0), repetition_penalty_slope=req.rep_pen_slope)

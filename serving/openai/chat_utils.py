@@ -1,7 +1,7 @@
 """Chat templates: resolve --chat-template (file or inline), render conversations with HF's Jinja code.
 
 The precedence is per-request `chat_template`, then the server's --chat-template, then the model's own.
-A model without any template still serves completions; chat answers a 400 (spec 2.3).
+A model without any template still serves completions; chat answers a 400.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
 
 
 def message_text(content: Any) -> str:
-    """A message's content as one string: text parts joined with newlines (spec 2.3)."""
+    """A message's content as one string: text parts joined with newlines."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -59,7 +59,7 @@ def conversation(messages: list) -> list[dict[str, Any]]:
 
 
 def _templated_call(call: Any) -> Any:
-    """Templates expect an assistant tool call's `function.arguments` as a dict, not JSON text (spec 2.3)."""
+    """Templates expect an assistant tool call's `function.arguments` as a dict, not JSON text."""
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
         return call

@@ -1,7 +1,7 @@
 """Engine logprobs ({token_id: Logprob} per token) rendered in the two OpenAI wire formats.
 
-JSON never carries -inf or NaN: every value is clamped to -9999.0 (design decision 13). Chat
-`top_logprobs` are the k most likely tokens sorted by probability (decision 12).
+JSON never carries -inf or NaN: every value is clamped to -9999.0 (docs/decisions.md D13). Chat
+`top_logprobs` are the k most likely tokens sorted by probability (D12).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pydantic v2 request/response models of the OpenAI-compatible API (spec sections 2.2, 2.3, 2.8).
+"""Pydantic v2 request/response models of the OpenAI-compatible API: completions, chat, models and tokenize.
 
 Requests forbid unknown fields (extra="forbid") so a misspelt sampler is a 400 naming it instead of
 being silently ignored. Every SamplingParams field is accepted as an Aphrodite extra (extra_body);
@@ -40,7 +40,7 @@ class ErrorResponse(ResponseModel):
 # ---------------------------------------------------------------------------------------- shared
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = True
-    continuous_usage_stats: bool = False  # design decision 11: OpenAI's behaviour by default
+    continuous_usage_stats: bool = False  # docs/decisions.md D11: OpenAI's behaviour by default
 
 
 class JsonSchemaFormat(OpenAIBaseModel):
@@ -55,7 +55,7 @@ class ResponseFormat(OpenAIBaseModel):
     json_schema: Optional[JsonSchemaFormat] = None
 
 
-# Aphrodite's sampler fields that map one-to-one onto SamplingParams (spec 2.2 "extra sampling").
+# Aphrodite's sampler fields that map one-to-one onto SamplingParams.
 SAMPLER_FIELDS = (
     "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
     "top_p", "top_k", "top_a", "min_p", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p",
@@ -82,7 +82,7 @@ class SamplingRequestBase(OpenAIBaseModel):
     presence_penalty: float = _D["presence_penalty"]
     frequency_penalty: float = _D["frequency_penalty"]
     repetition_penalty: float = _D["repetition_penalty"]
-    temperature: Optional[float] = None  # None: the route's default (decision 20)
+    temperature: Optional[float] = None  # None: the route's default (docs/decisions.md D20)
     top_p: Optional[float] = None
     top_k: int = _D["top_k"]
     top_a: float = _D["top_a"]
@@ -270,7 +270,7 @@ class ChatCompletionRequest(SamplingRequestBase):
     documents: Optional[list[dict[str, str]]] = None
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    add_special_tokens: bool = False  # design decision 15: the template adds any BOS
+    add_special_tokens: bool = False  # docs/decisions.md D15: the template adds any BOS
 
     @model_validator(mode="after")
     def _check_generation_flags(self) -> "ChatCompletionRequest":

@@ -1,6 +1,6 @@
 """POST /v1/chat/completions: render the conversation with the chat template, then one engine request.
 
-Defaults follow design decision 20: temperature/top_p from the model's generation_config when present
+Defaults follow docs/decisions.md D20: temperature/top_p from the model's generation_config when present
 (else 1.0), max_tokens = the rest of the context.
 
 Tools (serving/openai/tool_parsers): a named or "required" tool_choice guides decoding with the tools'
@@ -77,7 +77,7 @@ class OpenAIServingChat(OpenAIServing):
         self.server_template: Optional[str] = load_chat_template(config.chat_template)
 
     def defaults(self) -> dict:
-        """Decision 20: temperature and top_p from generation_config.json when present, else 1.0."""
+        """docs/decisions.md D20: temperature and top_p from generation_config.json when present, else 1.0."""
         gen = self.generation_config
         return {key: float(gen[key]) if gen.get(key) is not None else 1.0 for key in ("temperature", "top_p")}
 
@@ -224,6 +224,6 @@ class OpenAIServingChat(OpenAIServing):
                 yield sse(body.model_dump_json())
         except APIError as exc:
             yield sse(error_body(exc.message, exc.status, exc.param))
-        except Exception as exc:  # the 200 is already sent: report in-band (spec 1.4)
+        except Exception as exc:  # the 200 is already sent: report in-band (docs/decisions.md D25)
             yield sse(error_body(f"{type(exc).__name__}: {exc}", 500))
         yield "data: [DONE]\n\n"

@@ -179,6 +179,6 @@ class OpenAIServingCompletion(OpenAIServing):
                                                        usage=UsageInfo(**usage())).model_dump_json())
         except APIError as exc:
             yield sse(error_body(exc.message, exc.status, exc.param))
-        except Exception as exc:  # the 200 is already sent: report in-band (spec 1.4)
+        except Exception as exc:  # the 200 is already sent: report in-band (docs/decisions.md D25)
             yield sse(error_body(f"{type(exc).__name__}: {exc}", 500))
         yield "data: [DONE]\n\n"

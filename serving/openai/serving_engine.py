@@ -87,7 +87,7 @@ class OpenAIServing:
         """The request's guide from guided_*, response_format or a tool schema, compiled (and cached) off
         the event loop so a bad schema, regex or grammar is a 400 naming its field before anything is
         queued; the engine thread then finds the guide in the cache. 400 too when several guides are set
-        (spec 4, mutual exclusion)."""
+        (one guide at most, docs/decisions.md D33)."""
         given: dict[str, Any] = {name: getattr(req, name) for name in GUIDED_FIELDS
                                  if getattr(req, name) is not None}
         rf = req.response_format

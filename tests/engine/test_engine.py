@@ -88,7 +88,7 @@ def test_no_compiles_after_warmup(llm):
             sp = SamplingParams(temperature=0.0, min_tokens=4, max_tokens=8, stop=["\n", "."])
         elif kind == 5:
             sp = SamplingParams(temperature=0.5, max_tokens=8, stop_token_ids=[13, 28], ignore_eos=True)
-        elif kind == 6:  # every history sampler, its own order, a ban window (issue 5)
+        elif kind == 6:  # every history sampler, its own order, a ban window
             sp = SamplingParams(temperature=0.8, repetition_penalty=1.2, frequency_penalty=0.3,
                                 dry_multiplier=0.8, dry_sequence_breaker_ids=[13], no_repeat_ngram_size=3,
                                 sampler_priority=list(range(14))[::-1], token_ban_ranges=[([28], 0, 2)],

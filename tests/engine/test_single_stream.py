@@ -1,4 +1,4 @@
-"""The one-stream path (issue 9): a one-token decode step runs in the 1-row bucket, not padded to 8, and
+"""The one-stream path: a one-token decode step runs in the 1-row bucket, not padded to 8, and
 gives the same tokens as the padded step."""
 from __future__ import annotations
 

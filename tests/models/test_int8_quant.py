@@ -1,4 +1,4 @@
-"""--quantization int8 on the real default model: greedy tokens against fp32 on 5 prompts (issue 9, point 4).
+"""--quantization int8 on the real default model: greedy tokens against fp32 on 5 prompts.
 
 Two measures, printed for the notes:
 - free-running: each model generates greedily; a near-tie flipped early changes everything after it, so
@@ -65,7 +65,7 @@ def test_int8_greedy_matches_fp32(default_llm, int8_llm):
 
 
 def test_int8_single_row_bucket_gives_the_padded_tokens(int8_llm):
-    """One stream decodes in the 1-row bucket (issue 9): the int8 kernel's rows are independent, so the
+    """One stream decodes in the 1-row bucket: the int8 kernel's rows are independent, so the
     tokens equal those of the step padded to 8 rows."""
     runner = int8_llm.engine.runner
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

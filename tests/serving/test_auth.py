@@ -1,4 +1,4 @@
-"""Issue 7 acceptance 2: the auth matrix (no key, wrong key, API key, admin key; as Bearer and as
+"""The auth matrix (no key, wrong key, API key, admin key; as Bearer and as
 x-api-key) against an OpenAI route, a Kobold route, an admin route, /health and /metrics, on the real
 server over the shared engine; plus admin-only and no-key configurations, CORS and the env keys."""
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_chat_and_streaming(server, client, model):
                                           extra_body=body)
     assert [text[i] for i in range(4)] == [c.message.content for c in full.choices]
     assert [c.message.content for c in full.choices[:2]] == [c.message.content for c in r.choices]
-    # stream with best_of != n is refused before anything streams (design decision 14).
+    # stream with best_of != n is refused before anything streams (docs/decisions.md D14).
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, n=1, stream=True,
                                   extra_body=BEAM)

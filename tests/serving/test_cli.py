@@ -17,7 +17,7 @@ from serving.cli import build_cli_parser, main, main_flat, parse_cli, parse_flat
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Section 5 of the spec, written out here on purpose: the flag table must not lose any of them.
+# Aphrodite's flag set (docs/decisions.md D32), written out here on purpose: the flag table must not lose any of them.
 SPEC_FLAGS = """
 --host --port --uvicorn-log-level --allow-credentials --allowed-origins --allowed-methods
 --allowed-headers --api-keys --admin-key --lora-modules --prompt-adapters --chat-template

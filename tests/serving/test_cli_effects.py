@@ -1,4 +1,4 @@
-"""Each implemented CLI flag has an effect (issue 4): flags are parsed with `serving.cli.parse_flat` and the
+"""Each implemented CLI flag has an effect: flags are parsed with `serving.cli.parse_flat` and the
 resulting configs drive a real engine (a tiny random Llama) or the real app over a fake engine.
 
 test_cli.py checks flag -> config field; this file checks config field -> behaviour. Only ONE engine is

@@ -1,4 +1,4 @@
-"""Issue 6 acceptance 1, 2 and 4 end to end: guided decoding through the official openai client on the
+"""End to end: guided decoding through the official openai client on the
 real server and default model. Requests go out concurrently so the engine batches them."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 7 acceptance 1: every Kobold route against the real server on the default model, with the
+"""Every Kobold route against the real server on the default model, with the
 request shapes KoboldAI Lite and SillyTavern send, and every KAI sampler field shown to reach the
 engine by its effect on the output (equal to the engine's own output under the mapped SamplingParams,
 and different from the neutral request's output)."""

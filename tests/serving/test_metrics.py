@@ -1,4 +1,4 @@
-"""Issue 7 acceptance 4: /metrics parses with prometheus-client's parser and its counters move by
+"""/metrics parses with prometheus-client's parser and its counters move by
 exactly the amounts a known set of requests implies (tokens, finish reasons, histogram counts)."""
 from __future__ import annotations
 

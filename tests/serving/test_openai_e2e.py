@@ -1,4 +1,4 @@
-"""Issue 4 acceptance 1-3 end to end: the real server on the default model, driven by the official
+"""End to end: the real server on the default model, driven by the official
 `openai` client (completions and chat, streaming and not, n/best_of, echo, logprobs, stops, seeds,
 extra samplers, usage, equality with the engine, models/tokenize/health/version, chat templates)."""
 from __future__ import annotations

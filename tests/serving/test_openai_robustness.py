@@ -1,4 +1,4 @@
-"""Issue 4 acceptance 4-6 end to end on the real server: 4xx in OpenAI's shape for bad requests (and
+"""End to end on the real server: 4xx in OpenAI's shape for bad requests (and
 correct service afterwards), a disconnecting client's request aborted with its pages freed, and 64
 concurrent streaming clients each getting exactly the text it gets alone."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 7 acceptance 5: the playground at `/`, in headless system Chromium driven by Playwright, sends a
+"""The playground at `/`, in headless system Chromium driven by Playwright, sends a
 chat message and shows the reply streamed from the real model (several growing updates, the same text
 the API gives for the same request)."""
 from __future__ import annotations

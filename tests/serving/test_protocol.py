@@ -99,7 +99,7 @@ def test_max_completion_tokens_alias_and_extra_samplers(client, fake):
     assert r.status_code == 200, r.text
     params, ids = fake.seen[-1]
     assert params.max_tokens == 3 and params.min_p == pytest.approx(0.2) and params.top_k == 4
-    assert params.temperature == 1.0  # decision 20 without a generation_config
+    assert params.temperature == 1.0  # docs/decisions.md D20 without a generation_config
     assert ids == make_tokenizer().encode("user: hello\nassistant:", add_special_tokens=False)
     msg = r.json()["choices"][0]["message"]
     assert msg == {"role": "assistant", "content": "cat sat", "tool_calls": []}

@@ -1,4 +1,4 @@
-"""Issue 8 on the real engine and server: a failed step (forced by making the runner raise) answers its
+"""Failures on the real engine and server: a failed step (forced by making the runner raise) answers its
 requests with OpenAI-shaped 500s and the engine carries on; repeated failures make /health 503 and
 run_server exit non-zero; 500 simultaneous requests against a small scheduler either finish or get a
 503 with Retry-After past --max-queue-len. Limits and slow clients are in test_limits.py."""

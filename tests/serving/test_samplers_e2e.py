@@ -1,4 +1,4 @@
-"""Issue 5 acceptance 4 end to end: every sampler parameter through the official openai client's
+"""End to end: every sampler parameter through the official openai client's
 `extra_body`, on the real server and the default model, is accepted and changes the output where it
 should; repetition_penalty lowers repetition; top_k=1 equals greedy; a registered research sampler is
 reachable through extra_body."""

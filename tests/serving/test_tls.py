@@ -1,4 +1,4 @@
-"""Issue 7 acceptance 3: HTTPS with a self-signed certificate made here with `cryptography` (the openai
+"""HTTPS with a self-signed certificate made here with `cryptography` (the openai
 client trusts that CA and nothing else), and `--root-path` / `--middleware` shown on the real server."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6 acceptance 3 end to end: tool calling through the official openai client on the default model.
+"""End to end: tool calling through the official openai client on the default model.
 Named and "required" choices are guided by the tools' schemas (streaming and not); "auto" with the
 hermes parser extracts a call the model wrote; tools reach the chat template; bad tool requests are 400s."""
 from __future__ import annotations

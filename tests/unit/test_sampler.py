@@ -1,4 +1,4 @@
-"""The on-device sampler against NumPy versions of the spec's formulas (section 3.2)."""
+"""The on-device sampler against NumPy versions of their formulas."""
 import jax
 import jax.numpy as jnp
 import numpy as np

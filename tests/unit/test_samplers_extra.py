@@ -1,4 +1,4 @@
-"""The extra sampler steps (filters_extra.py) against NumPy versions of the spec's formulas (3.2)."""
+"""The extra sampler steps (filters_extra.py) against NumPy versions of their formulas."""
 import zlib
 
 import jax

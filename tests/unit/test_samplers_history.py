@@ -1,5 +1,5 @@
 """DRY, no-repeat-ngram, Mirostat v2, token_ban_ranges and per-request order, through the research
-API `process_logits`, against plain NumPy versions of the spec's definitions (section 3.2)."""
+API `process_logits`, against plain NumPy versions of their definitions."""
 import math
 import zlib
 
@@ -38,7 +38,7 @@ def np_no_repeat_ngram(l, x, n):
 
 
 def np_dry(l, x, mult, base, allowed, breakers, rng=0, max_ngram=12, max_occ=8, early=8):
-    """Spec 3.2 DRY, literally, with decision 5 (penalise len_t >= allowed_length only)."""
+    """DRY as defined, literally, with docs/decisions.md D5 (penalise len_t >= allowed_length only)."""
     if rng > 0:
         x = x[-rng:]
     if len(x) < 2 or x[-1] in breakers:
@@ -87,7 +87,7 @@ def test_no_repeat_ngram_rows_vs_numpy(v):
     sizes = [0, 1, 2, 3, 4, 5]
     hists = [_repetitive_history(rng, 40 + 7 * i) for i in range(len(sizes))]
     logits = _logits(len(sizes), v, seed=1)
-    # rows: prompt/output split differently; the n-gram check covers both (decision 4)
+    # rows: prompt/output split differently; the n-gram check covers both (docs/decisions.md D4)
     got = np.asarray(process_logits(logits, [SP(no_repeat_ngram_size=n) for n in sizes],
                                     [(h[:10], h[10:]) for h in hists]))
     np.testing.assert_array_equal(got[0], logits[0])  # off row untouched
@@ -142,7 +142,7 @@ def test_token_ban_ranges_follow_output_length_and_replace_custom_bans():
     outs = [[], [5], [5, 6, 7], [5, 6, 7, 8]]  # output lengths 0, 1, 3, 4
     got = np.asarray(process_logits(logits, params, outs))
     banned = [set(np.flatnonzero(np.isinf(g))) for g in got]
-    assert banned == [{10, 11}, {10, 11}, {20}, set()]  # custom_token_bans ignored (spec 3.1 step 4)
+    assert banned == [{10, 11}, {10, 11}, {20}, set()]  # custom_token_bans ignored (docs/decisions.md D27)
     only_custom = np.asarray(process_logits(logits[:1], [SP(custom_token_bans=[30])], [[]]))
     assert set(np.flatnonzero(np.isinf(only_custom[0]))) == {30}
 

@@ -1,4 +1,5 @@
-"""SamplingParams: defaults, normalization, the spec's validation messages, unsupported samplers."""
+"""SamplingParams: defaults, normalization, Aphrodite's validation messages (docs/decisions.md D26), unsupported
+samplers."""
 import subprocess
 import sys
 

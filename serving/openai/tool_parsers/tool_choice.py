@@ -1,4 +1,4 @@
-"""Request-side tool handling: validate `tools` / `tool_choice` (spec 2.3 validators, design decision 9),
+"""Request-side tool handling: validate `tools` / `tool_choice` (Aphrodite's validators, docs/decisions.md D9),
 and turn named and "required" choices into a guide over the tools' argument schemas.
 
 Named: the output is the function's arguments object (guided by `parameters`).
@@ -51,7 +51,7 @@ def parameters_of(tool: dict) -> dict:
 
 
 def plan_tools(tools: Any, tool_choice: Any, *, auto_enabled: bool, parallel: Optional[bool] = None) -> ToolPlan:
-    """The validators of spec 2.3 in order, with "none" and "required" accepted (decision 9).
+    """Aphrodite's validators in order, with "none" and "required" accepted (docs/decisions.md D9).
     `parallel` is the request's parallel_tool_calls: False limits "required" to one call."""
     if tools is not None and tools != [] and tool_choice is None:
         tool_choice = "auto"
