@@ -23,7 +23,7 @@ from aphrodite_jax.distributed.mesh import MODEL_AXIS
 from aphrodite_jax.distributed.sharding import plan_attention
 from aphrodite_jax.layers.attention_metadata import AttentionMetadata
 from aphrodite_jax.layers.linear import Linear
-from aphrodite_jax.layers.loading import load_linear
+from aphrodite_jax.layers.loading import load_fused, load_linear
 from aphrodite_jax.layers.norm import RMSNorm
 from aphrodite_jax.layers.rotary import RopeSpec, apply_rope
 
@@ -116,11 +116,9 @@ class PagedAttention(nnx.Module):
         proj, _, kind = rel.partition(".")
         if proj == "o_proj":
             return load_linear(self.o_proj, kind, value, session, full_name)
-        target = self.qkv.weight if kind == "weight" else self.qkv.bias if kind == "bias" else None
-        if proj not in ("q_proj", "k_proj", "v_proj") or target is None:
-            raise KeyError(f"unexpected weight {full_name!r}")
-        parts = session.stage(target, proj, value, ("q_proj", "k_proj", "v_proj"), full_name)
-        if parts is not None:
-            fused = fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], self.head_dim, self.attn_tp,
-                             self.kv_repeat)  # [(Hq + 2*Hkv') * D, ...]
-            session.put(target, fused.T if kind == "weight" else fused, full_name)
+        load_fused(self.qkv, kind, proj, value, ("q_proj", "k_proj", "v_proj"), self._fuse_qkv, session, full_name)
+
+    def _fuse_qkv(self, parts: dict, kind: str):
+        fused = fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], self.head_dim, self.attn_tp,
+                         self.kv_repeat)  # [(Hq + 2*Hkv') * D, ...]
+        return fused.T if kind == "weight" else fused

@@ -85,3 +85,15 @@ def load_linear(linear: Any, rel: str, value: np.ndarray, session: LoadSession, 
         session.put(linear.bias, value, full_name)
     else:
         raise KeyError(f"unexpected weight {full_name!r}")
+
+
+def load_fused(linear: Any, kind: str, part: str, value: np.ndarray, parts: tuple[str, ...], fuse: Any,
+               session: LoadSession, full_name: str) -> None:
+    """One HF part (`part`, one of `parts`) of a fused linear's 'weight' or 'bias': staged until every part is
+    in, then `fuse(parts_by_name, kind)` gives the parameter's value in its own layout ([in, out] for weights)."""
+    target = {"weight": linear.weight, "bias": linear.bias}.get(kind)
+    if part not in parts or target is None:
+        raise KeyError(f"unexpected weight {full_name!r}")
+    got = session.stage(target, part, value, parts, full_name)
+    if got is not None:
+        session.put(target, fuse(got, kind), full_name)

@@ -13,7 +13,7 @@ from flax import nnx
 from aphrodite_jax.distributed.sharding import shard_dim_if_divisible
 from aphrodite_jax.layers.activation import activation_name, get_activation
 from aphrodite_jax.layers.linear import Linear
-from aphrodite_jax.layers.loading import load_linear
+from aphrodite_jax.layers.loading import load_fused, load_linear
 
 
 def fuse_gate_up(gate: np.ndarray, up: np.ndarray, m: int) -> np.ndarray:
@@ -49,9 +49,5 @@ class GatedMLP(nnx.Module):
         proj, _, kind = rel.partition(".")
         if proj == "down_proj":
             return load_linear(self.down, kind, value, session, full_name)
-        target = self.gate_up.weight if kind == "weight" else self.gate_up.bias
-        if proj not in ("gate_proj", "up_proj") or target is None or kind not in ("weight", "bias"):
-            raise KeyError(f"unexpected weight {full_name!r}")
-        parts = session.stage(target, proj, value, ("gate_proj", "up_proj"), full_name)
-        if parts is not None:
-            session.put(target, fuse_gate_up(parts["gate_proj"], parts["up_proj"], self.m), full_name)
+        load_fused(self.gate_up, kind, proj, value, ("gate_proj", "up_proj"),
+                   lambda parts, _: fuse_gate_up(parts["gate_proj"], parts["up_proj"], self.m), session, full_name)
