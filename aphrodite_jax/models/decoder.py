@@ -67,12 +67,11 @@ class DecoderLayer(nnx.Module):
         return (x + a + m if self.parallel_residual else h + m), kv_cache
 
     def hf_children(self) -> dict:
+        children = {"self_attn": self.attn, "mlp": self.mlp, "input_layernorm": self.input_norm}
         if self.attn_out_norm is None:
-            return {"self_attn": self.attn, "mlp": self.mlp, "input_layernorm": self.input_norm,
-                    "post_attention_layernorm": self.post_norm}
-        return {"self_attn": self.attn, "mlp": self.mlp, "input_layernorm": self.input_norm,
-                "post_attention_layernorm": self.attn_out_norm, "pre_feedforward_layernorm": self.post_norm,
-                "post_feedforward_layernorm": self.mlp_out_norm}
+            return {**children, "post_attention_layernorm": self.post_norm}
+        return {**children, "post_attention_layernorm": self.attn_out_norm,
+                "pre_feedforward_layernorm": self.post_norm, "post_feedforward_layernorm": self.mlp_out_norm}
 
 
 class DecoderForCausalLM(nnx.Module):
